@@ -1,0 +1,70 @@
+// The public entry points: validate, then dispatch by the tensors' device.
+#include "core/validate.h"
+#include "cpu/backend.h"
+#include "cuda/backend.h"
+#include "flashattn/flashattn.h"
+
+namespace flashattn {
+namespace {
+
+// Runs `cpu_fn` or `cuda_fn` on the params' device.
+template <typename Params, typename CpuFn, typename CudaFn>
+void dispatch(const Params& p, CpuFn cpu_fn, CudaFn cuda_fn) {
+  if (p.device.kind == DeviceKind::cpu) {
+    cpu_fn(p);
+    return;
+  }
+#if FLASHATTN_WITH_CUDA
+  cuda_fn(p);
+#else
+  (void)cuda_fn;
+  throw Unsupported("flashattn: tensors are on " + device_name(p.device) +
+                    " but this build has no CUDA backend (configure with nvcc available)");
+#endif
+}
+
+}  // namespace
+
+void forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+             const Tensor& lse, const Options& options) {
+  const AttnParams p = core::check_forward(q, k, v, out, lse, options, nullptr);
+  dispatch(p, cpu::forward, [](const AttnParams& x) { cuda::forward(x); });
+}
+
+void forward_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                    const Tensor& lse, const VarlenLayout& layout, const Options& options) {
+  const AttnParams p = core::check_forward(q, k, v, out, lse, options, &layout);
+  dispatch(p, cpu::forward, [](const AttnParams& x) { cuda::forward(x); });
+}
+
+void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+              const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk,
+              const Tensor& dv, const Options& options) {
+  const BwdParams p = core::check_backward(dout, q, k, v, out, lse, dq, dk, dv, options, nullptr);
+  dispatch(p, cpu::backward, [](const BwdParams& x) { cuda::backward(x); });
+}
+
+void backward_varlen(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk,
+                     const Tensor& dv, const VarlenLayout& layout, const Options& options) {
+  const BwdParams p = core::check_backward(dout, q, k, v, out, lse, dq, dk, dv, options, &layout);
+  dispatch(p, cpu::backward, [](const BwdParams& x) { cuda::backward(x); });
+}
+
+void merge(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& out,
+           const Tensor& lse, const Options& options) {
+  const MergeParams p = core::check_merge(partial_out, partial_lse, out, lse, options);
+  dispatch(p, cpu::merge, [](const MergeParams& x) { cuda::merge(x); });
+}
+
+bool cuda_available() {
+#if FLASHATTN_WITH_CUDA
+  return cuda::available();
+#else
+  return false;
+#endif
+}
+
+const char* version() { return FLASHATTN_VERSION; }
+
+}  // namespace flashattn

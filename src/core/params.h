@@ -1,0 +1,128 @@
+// The validated, backend-neutral description of one attention call. Built once by
+// core/validate.cpp from the public tensors; every backend reads only this.
+// Fixed-length and variable-length batches share it: a fixed batch is the varlen case with
+// sequence b starting at b * batch_stride and no cu_seqlens.
+#pragma once
+
+#include <cstdint>
+
+#include "core/host_device.h"
+#include "core/mask.h"
+#include "flashattn/tensor.h"
+
+namespace flashattn {
+
+// Element strides of a (batch, row, head, dim) tensor; dim is contiguous.
+struct Strides {
+  int64_t batch = 0, row = 0, head = 0;
+};
+
+struct AttnParams {
+  DType dtype = DType::f32;
+  Device device{};
+
+  int batch = 0, heads = 0, heads_k = 0;
+  int head_dim = 0, head_dim_v = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0;  // per sequence; the maximum for varlen
+
+  // Varlen: sequence b owns rows [cu[b], cu[b+1]). Null for a fixed batch.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;  // rows of q in all (varlen), batch * seqlen_q otherwise
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // row-contiguous: lse[b * lse_batch + h * lse_head + row_offset + i]
+  Strides q_stride, k_stride, v_stride, out_stride;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;
+
+  float scale = 1.0f;        // softmax scale
+  float softcap = 0.0f;      // 0 = off
+  int64_t window_left = -1;  // causal folded in (window_right = 0)
+  int64_t window_right = -1;
+  bool causal = false;       // kept for reporting; the window already says it
+  const float* alibi_slopes = nullptr;  // [b * alibi_batch_stride + h]
+  int64_t alibi_batch_stride = 0;
+
+  bool deterministic = false;
+  int num_threads = 0;
+  int num_splits = 0;
+  void* stream = nullptr;
+
+  int group_size() const { return heads / heads_k; }  // query heads per kv head
+
+  FA_HOST_DEVICE int64_t q_begin(int b) const { return cu_seqlens_q ? cu_seqlens_q[b] : 0; }
+  FA_HOST_DEVICE int64_t k_begin(int b) const { return cu_seqlens_k ? cu_seqlens_k[b] : 0; }
+  FA_HOST_DEVICE int64_t len_q(int b) const {
+    return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q;
+  }
+  FA_HOST_DEVICE int64_t len_k(int b) const {
+    return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k;
+  }
+  FA_HOST_DEVICE Mask mask(int b) const {
+    return Mask{len_q(b), len_k(b), window_left, window_right};
+  }
+  FA_HOST_DEVICE ScoreMod score_mod(int b, int h) const {
+    return ScoreMod{softcap, alibi_slopes ? alibi_slopes[b * alibi_batch_stride + h] : 0.0f};
+  }
+  // Element offset of (sequence b, row i of it, head h) in a tensor with strides s, where row
+  // i is relative to the sequence start.
+  FA_HOST_DEVICE int64_t q_offset(int b, int64_t i, int h) const {
+    return b * q_stride.batch + (q_begin(b) + i) * q_stride.row + h * q_stride.head;
+  }
+  FA_HOST_DEVICE int64_t k_offset(int b, int64_t j, int hk) const {
+    return b * k_stride.batch + (k_begin(b) + j) * k_stride.row + hk * k_stride.head;
+  }
+  FA_HOST_DEVICE int64_t v_offset(int b, int64_t j, int hk) const {
+    return b * v_stride.batch + (k_begin(b) + j) * v_stride.row + hk * v_stride.head;
+  }
+  FA_HOST_DEVICE int64_t out_offset(int b, int64_t i, int h) const {
+    return b * out_stride.batch + (q_begin(b) + i) * out_stride.row + h * out_stride.head;
+  }
+  FA_HOST_DEVICE int64_t lse_offset(int b, int64_t i, int h) const {
+    return b * lse_batch_stride + h * lse_head_stride + q_begin(b) + i;
+  }
+};
+
+struct BwdParams : AttnParams {
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides dout_stride, dq_stride, dk_stride, dv_stride;
+
+  FA_HOST_DEVICE int64_t dout_offset(int b, int64_t i, int h) const {
+    return b * dout_stride.batch + (q_begin(b) + i) * dout_stride.row + h * dout_stride.head;
+  }
+  FA_HOST_DEVICE int64_t dq_offset(int b, int64_t i, int h) const {
+    return b * dq_stride.batch + (q_begin(b) + i) * dq_stride.row + h * dq_stride.head;
+  }
+  FA_HOST_DEVICE int64_t dk_offset(int b, int64_t j, int hk) const {
+    return b * dk_stride.batch + (k_begin(b) + j) * dk_stride.row + hk * dk_stride.head;
+  }
+  FA_HOST_DEVICE int64_t dv_offset(int b, int64_t j, int hk) const {
+    return b * dv_stride.batch + (k_begin(b) + j) * dv_stride.row + hk * dv_stride.head;
+  }
+};
+
+// merge(): partial (splits, batch, seqlen_q, heads, d_v) fp32 + (splits, batch, heads, seqlen_q)
+struct MergeParams {
+  Device device{};
+  int splits = 0, batch = 0, heads = 0, head_dim_v = 0;
+  int64_t seqlen_q = 0;
+  const float* partial_out = nullptr;
+  const float* partial_lse = nullptr;
+  int64_t po_split_stride = 0, po_batch_stride = 0, po_row_stride = 0, po_head_stride = 0;
+  int64_t pl_split_stride = 0, pl_batch_stride = 0, pl_head_stride = 0, pl_row_stride = 0;
+  DType out_dtype = DType::f32;
+  void* out = nullptr;
+  Strides out_stride;
+  float* lse = nullptr;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+  int num_threads = 0;
+  void* stream = nullptr;
+};
+
+}  // namespace flashattn

@@ -1,0 +1,364 @@
+#include "core/validate.h"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace flashattn::core {
+namespace {
+
+constexpr int kMaxHeadDim = 256;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+std::string shape_of(std::initializer_list<int64_t> dims) {
+  std::string s = "[";
+  bool first = true;
+  for (int64_t d : dims) {
+    s += (first ? "" : ", ") + str(d);
+    first = false;
+  }
+  return s + "]";
+}
+
+void check_defined(const Tensor& t, const char* name) {
+  if (!t.data) throw Error(name, "a non-null data pointer", "null");
+  if (t.rank < 1 || t.rank > Tensor::kMaxRank)
+    throw Error(name, "a rank between 1 and 6", str(t.rank));
+  for (int i = 0; i < t.rank; ++i) {
+    if (t.shape[i] < 0)
+      throw Error(name, "non-negative sizes", t.shape_string());
+    if (t.stride[i] < 0)
+      throw Error(name, "non-negative strides", "stride " + str(t.stride[i]) + " in dim " + str(i));
+  }
+  const auto addr = reinterpret_cast<uintptr_t>(t.data);
+  if (addr % dtype_size(t.dtype) != 0)
+    throw Error(name, "a pointer aligned to " + str(dtype_size(t.dtype)) + " bytes (its element size)",
+                "address " + std::to_string(addr));
+}
+
+void check_rank(const Tensor& t, const char* name, int rank, const char* layout) {
+  if (t.rank != rank)
+    throw Error(name, "rank " + str(rank) + " " + layout, "rank " + str(t.rank) + " " + t.shape_string());
+}
+
+void check_shape(const Tensor& t, const char* name, std::initializer_list<int64_t> dims,
+                 const char* layout) {
+  check_rank(t, name, static_cast<int>(dims.size()), layout);
+  int i = 0;
+  for (int64_t d : dims) {
+    if (t.shape[i] != d)
+      throw Error(name, std::string("shape ") + shape_of(dims) + " " + layout, t.shape_string());
+    ++i;
+  }
+}
+
+void check_dtype(const Tensor& t, const char* name, DType want, const char* why) {
+  if (t.dtype != want)
+    throw Error(name, std::string(dtype_name(want)) + " " + why, dtype_name(t.dtype));
+}
+
+void check_device(const Tensor& t, const char* name, Device want) {
+  if (!(t.device == want))
+    throw Error(name, "device " + device_name(want) + " (the device of q)", device_name(t.device));
+}
+
+void check_last_contiguous(const Tensor& t, const char* name) {
+  if (t.shape[t.rank - 1] > 1 && t.stride[t.rank - 1] != 1)
+    throw Error(name, "a contiguous last dimension (stride 1)", "stride " + str(t.stride[t.rank - 1]));
+}
+
+// A (row, head, dim) or (batch, row, head, dim) tensor's strides.
+Strides strides_of(const Tensor& t, bool varlen) {
+  if (varlen) return Strides{0, t.stride[0], t.stride[1]};
+  return Strides{t.stride[0], t.stride[1], t.stride[2]};
+}
+
+void check_compute_dtype(const Tensor& q, Device device) {
+  if (q.dtype == DType::i32)
+    throw Error("q", "fp32, fp16 or bf16", dtype_name(q.dtype));
+  if (device.kind == DeviceKind::cuda && q.dtype == DType::f32)
+    throw Error("q", "fp16 or bf16 on CUDA (fp32 runs on the CPU backend)", "fp32");
+}
+
+void check_cu_seqlens(const Tensor& cu, const char* name, int batch, int64_t total_rows,
+                      int max_seqlen, const char* max_name, Device device) {
+  check_defined(cu, name);
+  check_dtype(cu, name, DType::i32, "(cumulative sequence lengths)");
+  check_device(cu, name, device);
+  check_rank(cu, name, 1, "(batch + 1)");
+  if (cu.shape[0] != batch + 1)
+    throw Error(name, "length batch + 1 = " + str(batch + 1), str(cu.shape[0]));
+  if (cu.stride[0] != 1 && cu.shape[0] > 1)
+    throw Error(name, "a contiguous tensor", "stride " + str(cu.stride[0]));
+  // The values can only be read where they live; on CUDA they are trusted (reading them would
+  // force a host synchronisation), as flash_attn does.
+  if (device.kind != DeviceKind::cpu) return;
+  const auto* c = static_cast<const int32_t*>(cu.data);
+  if (c[0] != 0) throw Error(name, "first value 0", str(c[0]));
+  for (int b = 0; b < batch; ++b) {
+    const int64_t len = int64_t(c[b + 1]) - c[b];
+    if (len < 0)
+      throw Error(name, "non-decreasing values", str(c[b]) + " then " + str(c[b + 1]) + " at index " + str(b));
+    if (len > max_seqlen)
+      throw Error(max_name, ">= every sequence length (" + str(len) + " at index " + str(b) + ")", str(max_seqlen));
+  }
+  if (c[batch] > total_rows)
+    throw Error(name, "last value <= the number of packed rows (" + str(total_rows) + ")", str(c[batch]));
+}
+
+void check_alibi(const Options& o, AttnParams& p) {
+  if (!o.alibi_slopes) return;
+  const Tensor& a = *o.alibi_slopes;
+  check_defined(a, "alibi_slopes");
+  check_dtype(a, "alibi_slopes", DType::f32, "(one slope per head)");
+  check_device(a, "alibi_slopes", p.device);
+  if (a.rank == 1) {
+    if (a.shape[0] != p.heads) throw Error("alibi_slopes", "shape [heads] = [" + str(p.heads) + "]", a.shape_string());
+    p.alibi_batch_stride = 0;
+  } else if (a.rank == 2) {
+    if (a.shape[0] != p.batch || a.shape[1] != p.heads)
+      throw Error("alibi_slopes", "shape [batch, heads] = " + shape_of({p.batch, p.heads}), a.shape_string());
+    p.alibi_batch_stride = a.stride[0];
+  } else {
+    throw Error("alibi_slopes", "rank 1 [heads] or rank 2 [batch, heads]", a.shape_string());
+  }
+  check_last_contiguous(a, "alibi_slopes");
+  p.alibi_slopes = static_cast<const float*>(a.data);
+}
+
+void check_options(const Options& o, AttnParams& p) {
+  if (o.softmax_scale) {
+    if (!std::isfinite(*o.softmax_scale))
+      throw Error("softmax_scale", "a finite number", std::to_string(*o.softmax_scale));
+    p.scale = *o.softmax_scale;
+  } else {
+    p.scale = p.head_dim > 0 ? 1.0f / std::sqrt(float(p.head_dim)) : 1.0f;
+  }
+  if (!(o.softcap >= 0.0f) || !std::isfinite(o.softcap))
+    throw Error("softcap", "0 (off) or a positive finite number", std::to_string(o.softcap));
+  if (o.window_left < -1) throw Error("window_left", "-1 (unbounded) or >= 0", str(o.window_left));
+  if (o.window_right < -1) throw Error("window_right", "-1 (unbounded) or >= 0", str(o.window_right));
+  if (o.num_threads < 0) throw Error("num_threads", ">= 0 (0 = default)", str(o.num_threads));
+  if (o.num_splits < 0) throw Error("num_splits", ">= 0 (0 = heuristic)", str(o.num_splits));
+  p.softcap = o.softcap;
+  p.causal = o.causal;
+  p.window_left = o.window_left;
+  p.window_right = o.causal ? 0 : o.window_right;
+  if (o.causal && o.window_right > 0)
+    throw Error("window_right", "-1 or 0 with causal=true (causal ends the window on the diagonal)",
+                str(o.window_right));
+  p.deterministic = o.deterministic;
+  p.num_threads = o.num_threads;
+  p.num_splits = o.num_splits;
+  p.stream = o.stream;
+  check_alibi(o, p);
+}
+
+// Checks an output-like tensor against the shape its input defines.
+void check_like(const Tensor& t, const char* name, const Tensor& like, const char* like_name,
+                DType dtype, Device device) {
+  check_defined(t, name);
+  if (t.rank != like.rank)
+    throw Error(name, std::string("the shape of ") + like_name + " " + like.shape_string(), t.shape_string());
+  for (int i = 0; i < t.rank; ++i)
+    if (t.shape[i] != like.shape[i])
+      throw Error(name, std::string("the shape of ") + like_name + " " + like.shape_string(), t.shape_string());
+  check_dtype(t, name, dtype, "(the dtype of q)");
+  check_device(t, name, device);
+  check_last_contiguous(t, name);
+}
+
+void check_lse(const Tensor& lse, AttnParams& p, bool varlen) {
+  check_defined(lse, "lse");
+  check_dtype(lse, "lse", DType::f32, "(log-sum-exp is always fp32)");
+  check_device(lse, "lse", p.device);
+  if (varlen) {
+    check_shape(lse, "lse", {p.heads, p.total_q}, "(heads, total_q)");
+    p.lse_batch_stride = 0;
+    p.lse_head_stride = lse.stride[0];
+  } else {
+    check_shape(lse, "lse", {p.batch, p.heads, p.seqlen_q}, "(batch, heads, seqlen_q)");
+    p.lse_batch_stride = lse.stride[0];
+    p.lse_head_stride = lse.stride[1];
+  }
+  check_last_contiguous(lse, "lse");
+  p.lse = static_cast<float*>(lse.data);
+}
+
+}  // namespace
+
+AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Options& options,
+                        const VarlenLayout* layout) {
+  const bool varlen = layout != nullptr;
+  const char* q_layout = varlen ? "(total_q, heads, head_dim)" : "(batch, seqlen_q, heads, head_dim)";
+  const char* k_layout = varlen ? "(total_k, heads_k, head_dim)" : "(batch, seqlen_k, heads_k, head_dim)";
+  const char* v_layout = varlen ? "(total_k, heads_k, head_dim_v)" : "(batch, seqlen_k, heads_k, head_dim_v)";
+  check_defined(q, "q");
+  check_defined(k, "k");
+  check_defined(v, "v");
+  AttnParams p;
+  p.device = q.device;
+  p.dtype = q.dtype;
+  check_compute_dtype(q, p.device);
+  check_rank(q, "q", varlen ? 3 : 4, q_layout);
+  check_rank(k, "k", varlen ? 3 : 4, k_layout);
+  check_rank(v, "v", varlen ? 3 : 4, v_layout);
+  check_dtype(k, "k", q.dtype, "(the dtype of q)");
+  check_dtype(v, "v", q.dtype, "(the dtype of q)");
+  check_device(k, "k", p.device);
+  check_device(v, "v", p.device);
+  check_last_contiguous(q, "q");
+  check_last_contiguous(k, "k");
+  check_last_contiguous(v, "v");
+
+  const int o = varlen ? -1 : 0;  // dimension offset: varlen tensors have no batch dimension
+  p.heads = static_cast<int>(q.shape[o + 2]);
+  p.head_dim = static_cast<int>(q.shape[o + 3]);
+  p.heads_k = static_cast<int>(k.shape[o + 2]);
+  p.head_dim_v = static_cast<int>(v.shape[o + 3]);
+  if (p.heads < 1) throw Error("q", "at least one head", q.shape_string());
+  if (p.heads_k < 1) throw Error("k", "at least one head", k.shape_string());
+  if (p.heads % p.heads_k != 0)
+    throw Error("k", "a head count dividing the " + str(p.heads) + " query heads (GQA/MQA)", str(p.heads_k));
+  if (p.head_dim < 1 || p.head_dim > kMaxHeadDim)
+    throw Error("q", "head_dim between 1 and " + str(kMaxHeadDim), str(p.head_dim));
+  if (p.head_dim_v < 1 || p.head_dim_v > kMaxHeadDim)
+    throw Error("v", "head_dim_v between 1 and " + str(kMaxHeadDim), str(p.head_dim_v));
+  if (k.shape[o + 3] != p.head_dim)
+    throw Error("k", "head_dim " + str(p.head_dim) + " (that of q)", k.shape_string());
+  if (v.shape[o + 2] != p.heads_k)
+    throw Error("v", str(p.heads_k) + " heads (those of k)", v.shape_string());
+  if (v.shape[o + 1] != k.shape[o + 1])
+    throw Error("v", "the sequence length of k (" + str(k.shape[o + 1]) + ")", v.shape_string());
+
+  if (varlen) {
+    check_defined(layout->cu_seqlens_q, "cu_seqlens_q");
+    check_rank(layout->cu_seqlens_q, "cu_seqlens_q", 1, "(batch + 1)");
+    if (layout->cu_seqlens_q.shape[0] < 1)
+      throw Error("cu_seqlens_q", "length batch + 1 >= 1", layout->cu_seqlens_q.shape_string());
+    p.batch = static_cast<int>(layout->cu_seqlens_q.shape[0] - 1);
+    if (layout->max_seqlen_q < 0) throw Error("max_seqlen_q", ">= 0", str(layout->max_seqlen_q));
+    if (layout->max_seqlen_k < 0) throw Error("max_seqlen_k", ">= 0", str(layout->max_seqlen_k));
+    p.total_q = q.shape[0];
+    check_cu_seqlens(layout->cu_seqlens_q, "cu_seqlens_q", p.batch, q.shape[0], layout->max_seqlen_q,
+                     "max_seqlen_q", p.device);
+    check_cu_seqlens(layout->cu_seqlens_k, "cu_seqlens_k", p.batch, k.shape[0], layout->max_seqlen_k,
+                     "max_seqlen_k", p.device);
+    p.cu_seqlens_q = static_cast<const int32_t*>(layout->cu_seqlens_q.data);
+    p.cu_seqlens_k = static_cast<const int32_t*>(layout->cu_seqlens_k.data);
+    p.seqlen_q = layout->max_seqlen_q;
+    p.seqlen_k = layout->max_seqlen_k;
+  } else {
+    p.batch = static_cast<int>(q.shape[0]);
+    p.seqlen_q = q.shape[1];
+    p.seqlen_k = k.shape[1];
+    if (k.shape[0] != p.batch) throw Error("k", "batch " + str(p.batch) + " (that of q)", k.shape_string());
+    if (v.shape[0] != p.batch) throw Error("v", "batch " + str(p.batch) + " (that of q)", v.shape_string());
+    p.total_q = int64_t(p.batch) * p.seqlen_q;
+  }
+  if (p.seqlen_q > INT32_MAX || p.seqlen_k > INT32_MAX)
+    throw Error("q", "sequence lengths below 2^31", str(std::max(p.seqlen_q, p.seqlen_k)));
+
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.q_stride = strides_of(q, varlen);
+  p.k_stride = strides_of(k, varlen);
+  p.v_stride = strides_of(v, varlen);
+  check_options(options, p);
+  return p;
+}
+
+AttnParams check_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                         const Tensor& lse, const Options& options, const VarlenLayout* layout) {
+  AttnParams p = check_inputs(q, k, v, options, layout);
+  const bool varlen = layout != nullptr;
+  check_defined(out, "out");
+  if (varlen)
+    check_shape(out, "out", {p.total_q, p.heads, p.head_dim_v}, "(total_q, heads, head_dim_v)");
+  else
+    check_shape(out, "out", {p.batch, p.seqlen_q, p.heads, p.head_dim_v}, "(batch, seqlen_q, heads, head_dim_v)");
+  check_dtype(out, "out", p.dtype, "(the dtype of q)");
+  check_device(out, "out", p.device);
+  check_last_contiguous(out, "out");
+  p.out = out.data;
+  p.out_stride = strides_of(out, varlen);
+  check_lse(lse, p, varlen);
+  return p;
+}
+
+BwdParams check_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                         const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk,
+                         const Tensor& dv, const Options& options, const VarlenLayout* layout) {
+  BwdParams p;
+  static_cast<AttnParams&>(p) = check_forward(q, k, v, out, lse, options, layout);
+  const bool varlen = layout != nullptr;
+  check_like(dout, "dout", out, "out", p.dtype, p.device);
+  check_like(dq, "dq", q, "q", p.dtype, p.device);
+  check_like(dk, "dk", k, "k", p.dtype, p.device);
+  check_like(dv, "dv", v, "v", p.dtype, p.device);
+  p.dout = dout.data;
+  p.dq = dq.data;
+  p.dk = dk.data;
+  p.dv = dv.data;
+  p.dout_stride = strides_of(dout, varlen);
+  p.dq_stride = strides_of(dq, varlen);
+  p.dk_stride = strides_of(dk, varlen);
+  p.dv_stride = strides_of(dv, varlen);
+  return p;
+}
+
+MergeParams check_merge(const Tensor& partial_out, const Tensor& partial_lse, const Tensor& out,
+                        const Tensor& lse, const Options& options) {
+  check_defined(partial_out, "partial_out");
+  check_defined(partial_lse, "partial_lse");
+  check_defined(out, "out");
+  check_defined(lse, "lse");
+  MergeParams m;
+  m.device = partial_out.device;
+  check_dtype(partial_out, "partial_out", DType::f32, "(partial outputs are fp32)");
+  check_dtype(partial_lse, "partial_lse", DType::f32, "(log-sum-exp is always fp32)");
+  check_rank(partial_out, "partial_out", 5, "(splits, batch, seqlen_q, heads, head_dim_v)");
+  m.splits = static_cast<int>(partial_out.shape[0]);
+  m.batch = static_cast<int>(partial_out.shape[1]);
+  m.seqlen_q = partial_out.shape[2];
+  m.heads = static_cast<int>(partial_out.shape[3]);
+  m.head_dim_v = static_cast<int>(partial_out.shape[4]);
+  if (m.splits < 1) throw Error("partial_out", "at least one split", partial_out.shape_string());
+  check_shape(partial_lse, "partial_lse", {m.splits, m.batch, m.heads, m.seqlen_q}, "(splits, batch, heads, seqlen_q)");
+  check_shape(out, "out", {m.batch, m.seqlen_q, m.heads, m.head_dim_v}, "(batch, seqlen_q, heads, head_dim_v)");
+  check_shape(lse, "lse", {m.batch, m.heads, m.seqlen_q}, "(batch, heads, seqlen_q)");
+  if (out.dtype == DType::i32) throw Error("out", "fp32, fp16 or bf16", dtype_name(out.dtype));
+  check_dtype(lse, "lse", DType::f32, "(log-sum-exp is always fp32)");
+  check_device(partial_lse, "partial_lse", m.device);
+  check_device(out, "out", m.device);
+  check_device(lse, "lse", m.device);
+  check_last_contiguous(partial_out, "partial_out");
+  check_last_contiguous(out, "out");
+  if (options.num_threads < 0) throw Error("num_threads", ">= 0 (0 = default)", str(options.num_threads));
+
+  m.partial_out = static_cast<const float*>(partial_out.data);
+  m.po_split_stride = partial_out.stride[0];
+  m.po_batch_stride = partial_out.stride[1];
+  m.po_row_stride = partial_out.stride[2];
+  m.po_head_stride = partial_out.stride[3];
+  m.partial_lse = static_cast<const float*>(partial_lse.data);
+  m.pl_split_stride = partial_lse.stride[0];
+  m.pl_batch_stride = partial_lse.stride[1];
+  m.pl_head_stride = partial_lse.stride[2];
+  m.pl_row_stride = partial_lse.stride[3];
+  m.out_dtype = out.dtype;
+  m.out = out.data;
+  m.out_stride = Strides{out.stride[0], out.stride[1], out.stride[2]};
+  m.lse = static_cast<float*>(lse.data);
+  m.lse_batch_stride = lse.stride[0];
+  m.lse_head_stride = lse.stride[1];
+  m.lse_row_stride = lse.stride[2];
+  m.num_threads = options.num_threads;
+  m.stream = options.stream;
+  return m;
+}
+
+}  // namespace flashattn::core
