@@ -1,6 +1,364 @@
-// Placeholder while the kernel is being written.
+// CPU FlashAttention forward: tiled, online softmax, never more than O(block) memory per thread.
+//
+// One task = (batch, head, block of kBlockM query rows[, key split]). The task walks the key
+// blocks its rows can see (causal/window blocks outside the band are skipped) and keeps, per
+// query row, the running max m, running sum l and the unnormalised output acc.
+//
+// The scores are held transposed, S^T[key][query]: then S^T = K Q^T takes K as it lies in
+// memory (no per-block transpose, only Q^T is packed once per task), the row max / row sum /
+// exp of the softmax run down columns as plain vector ops, and P V reads P from S^T through
+// the GEMM's strided A operand.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "cpu/kernels/gemm.h"
 #include "cpu/kernels/isa.h"
-#include "flashattn/error.h"
+#include "cpu/kernels/simd.h"
+#include "cpu/kernels/tiles.h"
+#include "cpu/backend.h"
+
 namespace flashattn::cpu::FLASHATTN_CPU_ISA {
-void forward(const AttnParams&) { throw Unsupported("cpu forward: not written yet"); }
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Per-thread scratch, sized for the largest block of this problem.
+struct Workspace {
+  std::vector<float> q_t;    // Q^T of the block, scaled: [head_dim][rows_pad]
+  std::vector<float> k;      // fp32 copy of a key block when K is not fp32-contiguous: [kBlockN][head_dim]
+  std::vector<float> v;      // fp32 copy of a value block, dv padded: [kBlockN][dv_pad]
+  std::vector<float> s_t;    // S^T / P^T: [kBlockN][rows_pad]
+  std::vector<float> acc;    // unnormalised O: [kBlockM][dv_pad]
+  std::vector<float> m, l;   // running max (log2 domain) and sum per row: [rows_pad]
+  std::vector<int32_t> key_begin, key_end;  // visible key range per row: [rows_pad]
+
+  Workspace(const AttnParams& p) {
+    const int64_t rows_pad = round_up(kBlockM, kLanes);
+    const int64_t dv_pad = round_up(p.head_dim_v, kLanes);
+    q_t.resize(p.head_dim * rows_pad);
+    k.resize(int64_t(kBlockN) * p.head_dim);
+    v.resize(kBlockN * dv_pad);
+    s_t.resize(kBlockN * rows_pad);
+    acc.resize(kBlockM * dv_pad);
+    m.resize(rows_pad);
+    l.resize(rows_pad);
+    key_begin.resize(rows_pad);
+    key_end.resize(rows_pad);
+  }
+};
+
+// One (batch, head, query block) restricted to keys [key_lo, key_hi).
+struct Task {
+  int b, h;
+  int64_t row0;  // first query row of the block (relative to the sequence)
+  int rows;
+  int64_t key_lo, key_hi;
+};
+
+// Loads Q^T for the task, scaled so that the scores come out in the log2 domain when no score
+// modifier needs the natural-scale value first.
+void load_q_transposed(const AttnParams& p, const Task& t, float q_scale, int rows_pad, Workspace& ws) {
+  float row[256];
+  std::fill(ws.q_t.begin(), ws.q_t.begin() + p.head_dim * rows_pad, 0.0f);
+  for (int i = 0; i < t.rows; ++i) {
+    to_float(static_cast<const char*>(p.q) + dtype_size(p.dtype) * p.q_offset(t.b, t.row0 + i, t.h),
+             p.dtype, p.head_dim, row);
+    for (int d = 0; d < p.head_dim; ++d) ws.q_t[d * rows_pad + i] = row[d] * q_scale;
+  }
 }
+
+// S^T[j][i] for keys [c0, c0 + cols): a GEMM with K as A, or dot products when the block has
+// too few query rows for the GEMM to pay for its padding (decoding).
+void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_pad, int hk, Workspace& ws) {
+  const size_t esize = dtype_size(p.dtype);
+  const char* k_base = static_cast<const char*>(p.k) + esize * p.k_offset(t.b, c0, hk);
+  StridedA k_block{nullptr, 0, 1};
+  if (p.dtype == DType::f32) {
+    k_block = {reinterpret_cast<const float*>(k_base), p.k_stride.row, 1};
+  } else {
+    for (int j = 0; j < cols; ++j)
+      to_float(k_base + esize * p.k_stride.row * j, p.dtype, p.head_dim, &ws.k[int64_t(j) * p.head_dim]);
+    k_block = {ws.k.data(), p.head_dim, 1};
+  }
+  gemm(cols, rows_pad, p.head_dim, k_block, ws.q_t.data(), rows_pad, ws.s_t.data(), rows_pad, false);
+}
+
+// The value block as a row-major fp32 matrix with a kLanes-multiple row length.
+const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int cols, int hk, int64_t& ldv,
+                         Workspace& ws) {
+  const size_t esize = dtype_size(p.dtype);
+  const char* v_base = static_cast<const char*>(p.v) + esize * p.v_offset(t.b, c0, hk);
+  if (p.dtype == DType::f32 && p.head_dim_v % kLanes == 0) {
+    ldv = p.v_stride.row;
+    return reinterpret_cast<const float*>(v_base);
+  }
+  ldv = round_up(p.head_dim_v, kLanes);
+  for (int j = 0; j < cols; ++j) {
+    float* dst = &ws.v[j * ldv];
+    to_float(v_base + esize * p.v_stride.row * j, p.dtype, p.head_dim_v, dst);
+    std::fill(dst + p.head_dim_v, dst + ldv, 0.0f);
+  }
+  return ws.v.data();
+}
+
+// softcap, ALiBi (natural-log domain), then the move to the log2 domain.
+void apply_score_mod(const Task& t, const ScoreMod& mod, const Mask& mask, int64_t c0, int cols,
+                     int rows_pad, Workspace& ws) {
+  for (int j = 0; j < cols; ++j) {
+    float* s = &ws.s_t[int64_t(j) * rows_pad];
+    for (int i = 0; i < rows_pad; i += kLanes) {
+      vfloat x = load(s + i);
+      if (mod.softcap > 0) x = mod.softcap * tanh(x * (1.0f / mod.softcap));
+      if (mod.alibi_slope != 0) {
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int64_t dist = mask.diagonal(t.row0 + i + lane) - (c0 + j);
+          x[lane] -= mod.alibi_slope * float(dist < 0 ? -dist : dist);
+        }
+      }
+      store(s + i, x * kLog2e);
+    }
+  }
+}
+
+// -inf where key c0 + j is outside row i's visible range.
+void apply_mask(int64_t c0, int cols, int rows_pad, Workspace& ws) {
+  for (int j = 0; j < cols; ++j) {
+    float* s = &ws.s_t[int64_t(j) * rows_pad];
+    const int32_t key = int32_t(c0 + j);
+    for (int i = 0; i < rows_pad; i += kLanes) {
+      vint kb, ke;
+      std::memcpy(&kb, &ws.key_begin[i], sizeof kb);
+      std::memcpy(&ke, &ws.key_end[i], sizeof ke);
+      const vint visible = (kb <= key) & (ke > key);
+      store(s + i, visible ? load(s + i) : splat(kNegInf));
+    }
+  }
+}
+
+// The online-softmax step for one key block: new running max, P = exp2(S - m) in place,
+// running sum, and the rescale of acc by exp2(m_old - m_new).
+void online_softmax(int cols, int rows, int rows_pad, int dv_pad, Workspace& ws) {
+  for (int i = 0; i < rows_pad; i += kLanes) {
+    vfloat mx = splat(kNegInf);
+    for (int j = 0; j < cols; ++j) mx = vmax(mx, load(&ws.s_t[int64_t(j) * rows_pad + i]));
+    const vfloat m_old = load(&ws.m[i]);
+    const vfloat m_new = vmax(m_old, mx);
+    // A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps
+    // exp2(-inf - m) = 0 rather than NaN.
+    const vfloat m_use = m_new == kNegInf ? vfloat{} : m_new;
+    const vfloat alpha = exp2(m_old - m_use);
+    vfloat sum{};
+    for (int j = 0; j < cols; ++j) {
+      float* s = &ws.s_t[int64_t(j) * rows_pad + i];
+      const vfloat pj = exp2(load(s) - m_use);
+      store(s, pj);
+      sum += pj;
+    }
+    store(&ws.l[i], alpha * load(&ws.l[i]) + sum);
+    store(&ws.m[i], m_new);
+    for (int lane = 0; lane < kLanes && i + lane < rows; ++lane) {
+      if (alpha[lane] == 1.0f) continue;
+      float* a = &ws.acc[int64_t(i + lane) * dv_pad];
+      for (int d = 0; d < dv_pad; d += kLanes) store(a + d, load(a + d) * alpha[lane]);
+    }
+  }
+}
+
+// Attends the task's rows to its key range; leaves acc, m (log2 domain) and l in ws.
+void attend(const AttnParams& p, const Task& t, Workspace& ws) {
+  const int rows_pad = int(round_up(t.rows, kLanes));
+  const int dv_pad = int(round_up(p.head_dim_v, kLanes));
+  const int hk = t.h / p.group_size();
+  const Mask mask = p.mask(t.b);
+  const ScoreMod mod = p.score_mod(t.b, t.h);
+  const bool has_mod = mod.softcap > 0 || mod.alibi_slope != 0;
+
+  load_q_transposed(p, t, has_mod ? p.scale : p.scale * kLog2e, rows_pad, ws);
+  std::fill(ws.acc.begin(), ws.acc.begin() + int64_t(t.rows) * dv_pad, 0.0f);
+  std::fill(ws.m.begin(), ws.m.begin() + rows_pad, kNegInf);
+  std::fill(ws.l.begin(), ws.l.begin() + rows_pad, 0.0f);
+  for (int i = 0; i < rows_pad; ++i) {
+    // Padding rows see nothing; their results are never written.
+    const int64_t r = t.row0 + std::min(i, t.rows - 1);
+    ws.key_begin[i] = int32_t(i < t.rows ? mask.key_begin(r) : 0);
+    ws.key_end[i] = int32_t(i < t.rows ? mask.key_end(r) : 0);
+  }
+
+  // Keys any row of the block sees (bounds are monotone in the row).
+  const int64_t lo = std::max(t.key_lo, mask.key_begin(t.row0));
+  const int64_t hi = std::min(t.key_hi, mask.key_end(t.row0 + t.rows - 1));
+  for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
+    const int cols = int(std::min<int64_t>(kBlockN, hi - c0));
+    scores(p, t, c0, cols, rows_pad, hk, ws);
+    if (has_mod) apply_score_mod(t, mod, mask, c0, cols, rows_pad, ws);
+    if (!mask.block_fully_visible(t.row0, t.row0 + t.rows, c0, c0 + cols) || rows_pad != t.rows)
+      apply_mask(c0, cols, rows_pad, ws);
+    online_softmax(cols, t.rows, rows_pad, dv_pad, ws);
+    int64_t ldv = 0;
+    const float* v = value_block(p, t, c0, cols, hk, ldv, ws);
+    gemm(t.rows, dv_pad, cols, StridedA{ws.s_t.data(), 1, rows_pad}, v, ldv, ws.acc.data(), dv_pad, true);
+  }
+}
+
+// O = acc / l and LSE = ln(2) * (m + log2(l)); rows that saw no key get 0 and -inf.
+void write_output(const AttnParams& p, const Task& t, Workspace& ws) {
+  const int dv_pad = int(round_up(p.head_dim_v, kLanes));
+  const size_t esize = dtype_size(p.dtype);
+  for (int i = 0; i < t.rows; ++i) {
+    const float l = ws.l[i];
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, p.dtype,
+               static_cast<char*>(p.out) + esize * p.out_offset(t.b, t.row0 + i, t.h));
+    p.lse[p.lse_offset(t.b, t.row0 + i, t.h)] = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+  }
+}
+
+// Split-KV partial result: fp32 O_c and LSE_c in merge()'s layout.
+void write_partial(const AttnParams& p, const Task& t, int split, const MergeParams& mp, Workspace& ws) {
+  const int dv_pad = int(round_up(p.head_dim_v, kLanes));
+  for (int i = 0; i < t.rows; ++i) {
+    const float l = ws.l[i];
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    float* dst = const_cast<float*>(mp.partial_out) + split * mp.po_split_stride + t.b * mp.po_batch_stride +
+                 (t.row0 + i) * mp.po_row_stride + t.h * mp.po_head_stride;
+    from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, DType::f32, dst);
+    const_cast<float*>(mp.partial_lse)[split * mp.pl_split_stride + t.b * mp.pl_batch_stride +
+                                       t.h * mp.pl_head_stride + (t.row0 + i) * mp.pl_row_stride] =
+        l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+  }
+}
+
+int thread_count(const AttnParams& p) { return p.num_threads > 0 ? p.num_threads : omp_get_max_threads(); }
+
+// Plain path: one task per (batch, head, query block), all keys.
+void forward_blocks(const AttnParams& p, int threads) {
+  const int64_t q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t tasks = int64_t(p.batch) * p.heads * q_blocks;
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws(p);
+    // Dynamic: causal and varlen tasks differ in cost.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int b = int(task / (int64_t(p.heads) * q_blocks));
+      const int h = int(task / q_blocks % p.heads);
+      const int64_t row0 = task % q_blocks * kBlockM;
+      const int64_t len_q = p.len_q(b);
+      if (row0 >= len_q) continue;
+      const Task t{b, h, row0, int(std::min<int64_t>(kBlockM, len_q - row0)), 0, p.len_k(b)};
+      attend(p, t, ws);
+      write_output(p, t, ws);
+    }
+  }
+}
+
+// Flash-decoding: few query blocks but long keys. Each (task, split) attends a key chunk into
+// fp32 partials; merge() combines them.
+void forward_split(const AttnParams& p, int threads, int splits) {
+  const int64_t q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t chunk = round_up((p.seqlen_k + splits - 1) / splits, kBlockN);
+  std::vector<float> partial_out(int64_t(splits) * p.batch * p.seqlen_q * p.heads * p.head_dim_v);
+  std::vector<float> partial_lse(int64_t(splits) * p.batch * p.heads * p.seqlen_q);
+  MergeParams mp;
+  mp.device = p.device;
+  mp.splits = splits;
+  mp.batch = p.batch;
+  mp.heads = p.heads;
+  mp.head_dim_v = p.head_dim_v;
+  mp.seqlen_q = p.seqlen_q;
+  mp.partial_out = partial_out.data();
+  mp.po_head_stride = p.head_dim_v;
+  mp.po_row_stride = mp.po_head_stride * p.heads;
+  mp.po_batch_stride = mp.po_row_stride * p.seqlen_q;
+  mp.po_split_stride = mp.po_batch_stride * p.batch;
+  mp.partial_lse = partial_lse.data();
+  mp.pl_row_stride = 1;
+  mp.pl_head_stride = p.seqlen_q;
+  mp.pl_batch_stride = p.seqlen_q * p.heads;
+  mp.pl_split_stride = mp.pl_batch_stride * p.batch;
+
+  const int64_t tasks = int64_t(p.batch) * p.heads * q_blocks * splits;
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int split = int(task % splits);
+      const int64_t rest = task / splits;
+      const int b = int(rest / (int64_t(p.heads) * q_blocks));
+      const int h = int(rest / q_blocks % p.heads);
+      const int64_t row0 = rest % q_blocks * kBlockM;
+      const int64_t len_q = p.len_q(b);
+      if (row0 >= len_q) continue;
+      const int rows = int(std::min<int64_t>(kBlockM, len_q - row0));
+      const Task t{b, h, row0, rows, split * chunk, std::min<int64_t>(p.len_k(b), (split + 1) * chunk)};
+      attend(p, t, ws);  // an empty key range leaves l = 0: LSE_c = -inf, ignored by merge
+      write_partial(p, t, split, mp, ws);
+    }
+  }
+
+  // Merge straight into the caller's out/lse (varlen rows are addressed through AttnParams).
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t task = 0; task < int64_t(p.batch) * p.heads * q_blocks; ++task) {
+    const int b = int(task / (int64_t(p.heads) * q_blocks));
+    const int h = int(task / q_blocks % p.heads);
+    const int64_t row0 = task % q_blocks * kBlockM;
+    const int64_t rows_end = std::min<int64_t>(p.len_q(b), row0 + kBlockM);
+    const size_t esize = dtype_size(p.dtype);
+    for (int64_t i = row0; i < rows_end; ++i) {
+      float lse_max = kNegInf;
+      for (int c = 0; c < splits; ++c)
+        lse_max = std::max(lse_max, partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i]);
+      float out_row[256] = {};
+      float lse = kNegInf;
+      if (lse_max != kNegInf) {
+        float sum = 0;
+        for (int c = 0; c < splits; ++c)
+          sum += std::exp(partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i] - lse_max);
+        lse = lse_max + std::log(sum);
+        for (int c = 0; c < splits; ++c) {
+          const float w = std::exp(partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i] - lse);
+          if (w == 0) continue;
+          const float* po = &partial_out[c * mp.po_split_stride + b * mp.po_batch_stride + i * mp.po_row_stride + h * mp.po_head_stride];
+          for (int d = 0; d < p.head_dim_v; ++d) out_row[d] += w * po[d];
+        }
+      }
+      from_float(out_row, 1.0f, p.head_dim_v, p.dtype, static_cast<char*>(p.out) + esize * p.out_offset(b, i, h));
+      p.lse[p.lse_offset(b, i, h)] = lse;
+    }
+  }
+}
+
+// Splits only when the plain tasks cannot fill the threads and each split keeps several key
+// blocks (below that, the partial write and merge cost more than the parallelism returns).
+int choose_splits(const AttnParams& p, int threads) {
+  if (p.num_splits > 0) return int(std::min<int64_t>(p.num_splits, std::max<int64_t>(1, (p.seqlen_k + kBlockN - 1) / kBlockN)));
+  const int64_t q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t tasks = int64_t(p.batch) * p.heads * q_blocks;
+  if (tasks >= 2 * threads) return 1;
+  const int64_t by_threads = (2 * threads + tasks - 1) / tasks;
+  const int64_t by_keys = p.seqlen_k / (4 * kBlockN);
+  return int(std::max<int64_t>(1, std::min(by_threads, by_keys)));
+}
+
+}  // namespace
+
+void forward(const AttnParams& p) {
+  if (p.batch == 0 || p.total_q == 0) return;
+  const int threads = thread_count(p);
+  const int splits = choose_splits(p, threads);
+  if (splits > 1)
+    forward_split(p, threads, splits);
+  else
+    forward_blocks(p, threads);
+}
+
+}  // namespace flashattn::cpu::FLASHATTN_CPU_ISA
