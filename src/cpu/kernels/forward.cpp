@@ -1,8 +1,11 @@
 // CPU FlashAttention forward: tiled, online softmax, never more than O(block) memory per thread.
 //
-// One task = (batch, head, block of kBlockM query rows[, key split]). The task walks the key
+// One task = (batch, kv head, block of kBlockM packed rows[, key split]). The rows of a task
+// are (query, head) pairs of all query heads that share the kv head (GQA/MQA), query-major:
+// packed row r is query r / group of head hk * group + r % group. So K and V are read once per
+// group, and decoding (one query, several heads) still fills the rows. The task walks the key
 // blocks its rows can see (causal/window blocks outside the band are skipped) and keeps, per
-// query row, the running max m, running sum l and the unnormalised output acc.
+// row, the running max m, running sum l and the unnormalised output acc.
 //
 // The scores are held transposed, S^T[key][query]: then S^T = K Q^T takes K as it lies in
 // memory (no per-block transpose, only Q^T is packed once per task), the row max / row sum /
@@ -55,13 +58,20 @@ struct Workspace {
   }
 };
 
-// One (batch, head, query block) restricted to keys [key_lo, key_hi).
+// One (batch, kv head, block of packed rows) restricted to keys [key_lo, key_hi).
 struct Task {
-  int b, h;
-  int64_t row0;  // first query row of the block (relative to the sequence)
+  int b, hk;
+  int64_t row0;  // first packed row: query row0 / group of the sequence
   int rows;
   int64_t key_lo, key_hi;
+  int group;     // query heads per kv head
+
+  int64_t query(int r) const { return (row0 + r) / group; }
+  int head(int r) const { return hk * group + int((row0 + r) % group); }
 };
+
+// Scores below this many rows are dot products rather than a GEMM padded to kLanes rows.
+constexpr int kDotRows = 4;
 
 // Loads Q^T for the task, scaled so that the scores come out in the log2 domain when no score
 // modifier needs the natural-scale value first.
@@ -69,7 +79,7 @@ void load_q_transposed(const AttnParams& p, const Task& t, float q_scale, int ro
   float row[256];
   std::fill(ws.q_t.begin(), ws.q_t.begin() + p.head_dim * rows_pad, 0.0f);
   for (int i = 0; i < t.rows; ++i) {
-    to_float(static_cast<const char*>(p.q) + dtype_size(p.dtype) * p.q_offset(t.b, t.row0 + i, t.h),
+    to_float(static_cast<const char*>(p.q) + dtype_size(p.dtype) * p.q_offset(t.b, t.query(i), t.head(i)),
              p.dtype, p.head_dim, row);
     for (int d = 0; d < p.head_dim; ++d) ws.q_t[d * rows_pad + i] = row[d] * q_scale;
   }
@@ -77,9 +87,9 @@ void load_q_transposed(const AttnParams& p, const Task& t, float q_scale, int ro
 
 // S^T[j][i] for keys [c0, c0 + cols): a GEMM with K as A, or dot products when the block has
 // too few query rows for the GEMM to pay for its padding (decoding).
-void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_pad, int hk, Workspace& ws) {
+void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_pad, Workspace& ws) {
   const size_t esize = dtype_size(p.dtype);
-  const char* k_base = static_cast<const char*>(p.k) + esize * p.k_offset(t.b, c0, hk);
+  const char* k_base = static_cast<const char*>(p.k) + esize * p.k_offset(t.b, c0, t.hk);
   StridedA k_block{nullptr, 0, 1};
   if (p.dtype == DType::f32) {
     k_block = {reinterpret_cast<const float*>(k_base), p.k_stride.row, 1};
@@ -88,14 +98,33 @@ void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_p
       to_float(k_base + esize * p.k_stride.row * j, p.dtype, p.head_dim, &ws.k[int64_t(j) * p.head_dim]);
     k_block = {ws.k.data(), p.head_dim, 1};
   }
-  gemm(cols, rows_pad, p.head_dim, k_block, ws.q_t.data(), rows_pad, ws.s_t.data(), rows_pad, false);
+  if (t.rows > kDotRows) {
+    gemm(cols, rows_pad, p.head_dim, k_block, ws.q_t.data(), rows_pad, ws.s_t.data(), rows_pad, false);
+    return;
+  }
+  // Few rows (decoding): one pass over each key row, a dot product per query row.
+  float q_rows[kDotRows][256];
+  for (int i = 0; i < t.rows; ++i)
+    for (int d = 0; d < p.head_dim; ++d) q_rows[i][d] = ws.q_t[d * rows_pad + i];
+  const int d_vec = p.head_dim / kLanes * kLanes;
+  for (int j = 0; j < cols; ++j) {
+    const float* kj = k_block.data + j * k_block.row_stride;
+    float* s = &ws.s_t[int64_t(j) * rows_pad];
+    for (int i = 0; i < t.rows; ++i) {
+      vfloat acc{};
+      for (int d = 0; d < d_vec; d += kLanes) acc += load(kj + d) * load(&q_rows[i][d]);
+      float dot = reduce_add(acc);
+      for (int d = d_vec; d < p.head_dim; ++d) dot += kj[d] * q_rows[i][d];
+      s[i] = dot;
+    }
+  }
 }
 
 // The value block as a row-major fp32 matrix with a kLanes-multiple row length.
-const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int cols, int hk, int64_t& ldv,
+const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int cols, int64_t& ldv,
                          Workspace& ws) {
   const size_t esize = dtype_size(p.dtype);
-  const char* v_base = static_cast<const char*>(p.v) + esize * p.v_offset(t.b, c0, hk);
+  const char* v_base = static_cast<const char*>(p.v) + esize * p.v_offset(t.b, c0, t.hk);
   if (p.dtype == DType::f32 && p.head_dim_v % kLanes == 0) {
     ldv = p.v_stride.row;
     return reinterpret_cast<const float*>(v_base);
@@ -109,18 +138,20 @@ const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int col
   return ws.v.data();
 }
 
-// softcap, ALiBi (natural-log domain), then the move to the log2 domain.
-void apply_score_mod(const Task& t, const ScoreMod& mod, const Mask& mask, int64_t c0, int cols,
+// softcap, ALiBi (natural-log domain), then the move to the log2 domain. The ALiBi slope
+// belongs to each row's head.
+void apply_score_mod(const AttnParams& p, const Task& t, const Mask& mask, int64_t c0, int cols,
                      int rows_pad, Workspace& ws) {
+  const float softcap = p.softcap;
   for (int j = 0; j < cols; ++j) {
     float* s = &ws.s_t[int64_t(j) * rows_pad];
     for (int i = 0; i < rows_pad; i += kLanes) {
       vfloat x = load(s + i);
-      if (mod.softcap > 0) x = mod.softcap * tanh(x * (1.0f / mod.softcap));
-      if (mod.alibi_slope != 0) {
-        for (int lane = 0; lane < kLanes; ++lane) {
-          const int64_t dist = mask.diagonal(t.row0 + i + lane) - (c0 + j);
-          x[lane] -= mod.alibi_slope * float(dist < 0 ? -dist : dist);
+      if (softcap > 0) x = softcap * tanh(x * (1.0f / softcap));
+      if (p.alibi_slopes) {
+        for (int lane = 0; lane < kLanes && i + lane < t.rows; ++lane) {
+          const int64_t dist = mask.diagonal(t.query(i + lane)) - (c0 + j);
+          x[lane] -= p.score_mod(t.b, t.head(i + lane)).alibi_slope * float(dist < 0 ? -dist : dist);
         }
       }
       store(s + i, x * kLog2e);
@@ -176,34 +207,31 @@ void online_softmax(int cols, int rows, int rows_pad, int dv_pad, Workspace& ws)
 void attend(const AttnParams& p, const Task& t, Workspace& ws) {
   const int rows_pad = int(round_up(t.rows, kLanes));
   const int dv_pad = int(round_up(p.head_dim_v, kLanes));
-  const int hk = t.h / p.group_size();
   const Mask mask = p.mask(t.b);
-  const ScoreMod mod = p.score_mod(t.b, t.h);
-  const bool has_mod = mod.softcap > 0 || mod.alibi_slope != 0;
+  const bool has_mod = p.softcap > 0 || p.alibi_slopes != nullptr;
 
   load_q_transposed(p, t, has_mod ? p.scale : p.scale * kLog2e, rows_pad, ws);
   std::fill(ws.acc.begin(), ws.acc.begin() + int64_t(t.rows) * dv_pad, 0.0f);
   std::fill(ws.m.begin(), ws.m.begin() + rows_pad, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + rows_pad, 0.0f);
-  for (int i = 0; i < rows_pad; ++i) {
-    // Padding rows see nothing; their results are never written.
-    const int64_t r = t.row0 + std::min(i, t.rows - 1);
-    ws.key_begin[i] = int32_t(i < t.rows ? mask.key_begin(r) : 0);
-    ws.key_end[i] = int32_t(i < t.rows ? mask.key_end(r) : 0);
+  for (int i = 0; i < rows_pad; ++i) {  // padding rows see nothing and are never written
+    ws.key_begin[i] = int32_t(i < t.rows ? mask.key_begin(t.query(i)) : 0);
+    ws.key_end[i] = int32_t(i < t.rows ? mask.key_end(t.query(i)) : 0);
   }
 
-  // Keys any row of the block sees (bounds are monotone in the row).
-  const int64_t lo = std::max(t.key_lo, mask.key_begin(t.row0));
-  const int64_t hi = std::min(t.key_hi, mask.key_end(t.row0 + t.rows - 1));
+  // Keys any row of the block sees (bounds are monotone in the query).
+  const int64_t first_query = t.query(0), last_query = t.query(t.rows - 1);
+  const int64_t lo = std::max(t.key_lo, mask.key_begin(first_query));
+  const int64_t hi = std::min(t.key_hi, mask.key_end(last_query));
   for (int64_t c0 = lo; c0 < hi; c0 += kBlockN) {
     const int cols = int(std::min<int64_t>(kBlockN, hi - c0));
-    scores(p, t, c0, cols, rows_pad, hk, ws);
-    if (has_mod) apply_score_mod(t, mod, mask, c0, cols, rows_pad, ws);
-    if (!mask.block_fully_visible(t.row0, t.row0 + t.rows, c0, c0 + cols) || rows_pad != t.rows)
+    scores(p, t, c0, cols, rows_pad, ws);
+    if (has_mod) apply_score_mod(p, t, mask, c0, cols, rows_pad, ws);
+    if (!mask.block_fully_visible(first_query, last_query + 1, c0, c0 + cols) || rows_pad != t.rows)
       apply_mask(c0, cols, rows_pad, ws);
     online_softmax(cols, t.rows, rows_pad, dv_pad, ws);
     int64_t ldv = 0;
-    const float* v = value_block(p, t, c0, cols, hk, ldv, ws);
+    const float* v = value_block(p, t, c0, cols, ldv, ws);
     gemm(t.rows, dv_pad, cols, StridedA{ws.s_t.data(), 1, rows_pad}, v, ldv, ws.acc.data(), dv_pad, true);
   }
 }
@@ -216,8 +244,8 @@ void write_output(const AttnParams& p, const Task& t, Workspace& ws) {
     const float l = ws.l[i];
     const float inv = l > 0 ? 1.0f / l : 0.0f;
     from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, p.dtype,
-               static_cast<char*>(p.out) + esize * p.out_offset(t.b, t.row0 + i, t.h));
-    p.lse[p.lse_offset(t.b, t.row0 + i, t.h)] = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+               static_cast<char*>(p.out) + esize * p.out_offset(t.b, t.query(i), t.head(i)));
+    p.lse[p.lse_offset(t.b, t.query(i), t.head(i))] = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
   }
 }
 
@@ -228,32 +256,45 @@ void write_partial(const AttnParams& p, const Task& t, int split, const MergePar
     const float l = ws.l[i];
     const float inv = l > 0 ? 1.0f / l : 0.0f;
     float* dst = const_cast<float*>(mp.partial_out) + split * mp.po_split_stride + t.b * mp.po_batch_stride +
-                 (t.row0 + i) * mp.po_row_stride + t.h * mp.po_head_stride;
+                 t.query(i) * mp.po_row_stride + t.head(i) * mp.po_head_stride;
     from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, DType::f32, dst);
     const_cast<float*>(mp.partial_lse)[split * mp.pl_split_stride + t.b * mp.pl_batch_stride +
-                                       t.h * mp.pl_head_stride + (t.row0 + i) * mp.pl_row_stride] =
+                                       t.head(i) * mp.pl_head_stride + t.query(i) * mp.pl_row_stride] =
         l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
   }
 }
 
 int thread_count(const AttnParams& p) { return p.num_threads > 0 ? p.num_threads : omp_get_max_threads(); }
 
-// Plain path: one task per (batch, head, query block), all keys.
+// Packed-row blocks per (batch, kv head): enough for the longest sequence.
+int64_t row_blocks(const AttnParams& p) { return (p.seqlen_q * p.group_size() + kBlockM - 1) / kBlockM; }
+
+// Task number `task` of the (batch, kv head, row block) grid; rows = 0 when past the sequence.
+Task task_at(const AttnParams& p, int64_t task, int64_t key_lo, int64_t key_hi_cap) {
+  const int64_t blocks = row_blocks(p);
+  Task t{};
+  t.b = int(task / (int64_t(p.heads_k) * blocks));
+  t.hk = int(task / blocks % p.heads_k);
+  t.group = p.group_size();
+  t.row0 = task % blocks * kBlockM;
+  const int64_t packed_rows = p.len_q(t.b) * t.group;
+  t.rows = int(std::clamp<int64_t>(packed_rows - t.row0, 0, kBlockM));
+  t.key_lo = key_lo;
+  t.key_hi = std::min(p.len_k(t.b), key_hi_cap);
+  return t;
+}
+
+// Plain path: one task per (batch, kv head, row block), all keys.
 void forward_blocks(const AttnParams& p, int threads) {
-  const int64_t q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int64_t tasks = int64_t(p.batch) * p.heads * q_blocks;
+  const int64_t tasks = int64_t(p.batch) * p.heads_k * row_blocks(p);
 #pragma omp parallel num_threads(threads)
   {
     Workspace ws(p);
     // Dynamic: causal and varlen tasks differ in cost.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int b = int(task / (int64_t(p.heads) * q_blocks));
-      const int h = int(task / q_blocks % p.heads);
-      const int64_t row0 = task % q_blocks * kBlockM;
-      const int64_t len_q = p.len_q(b);
-      if (row0 >= len_q) continue;
-      const Task t{b, h, row0, int(std::min<int64_t>(kBlockM, len_q - row0)), 0, p.len_k(b)};
+      const Task t = task_at(p, task, 0, INT64_MAX);
+      if (t.rows == 0) continue;
       attend(p, t, ws);
       write_output(p, t, ws);
     }
@@ -263,7 +304,6 @@ void forward_blocks(const AttnParams& p, int threads) {
 // Flash-decoding: few query blocks but long keys. Each (task, split) attends a key chunk into
 // fp32 partials; merge() combines them.
 void forward_split(const AttnParams& p, int threads, int splits) {
-  const int64_t q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t chunk = round_up((p.seqlen_k + splits - 1) / splits, kBlockN);
   std::vector<float> partial_out(int64_t(splits) * p.batch * p.seqlen_q * p.heads * p.head_dim_v);
   std::vector<float> partial_lse(int64_t(splits) * p.batch * p.heads * p.seqlen_q);
@@ -285,35 +325,29 @@ void forward_split(const AttnParams& p, int threads, int splits) {
   mp.pl_batch_stride = p.seqlen_q * p.heads;
   mp.pl_split_stride = mp.pl_batch_stride * p.batch;
 
-  const int64_t tasks = int64_t(p.batch) * p.heads * q_blocks * splits;
+  const int64_t tasks = int64_t(p.batch) * p.heads_k * row_blocks(p) * splits;
 #pragma omp parallel num_threads(threads)
   {
     Workspace ws(p);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int split = int(task % splits);
-      const int64_t rest = task / splits;
-      const int b = int(rest / (int64_t(p.heads) * q_blocks));
-      const int h = int(rest / q_blocks % p.heads);
-      const int64_t row0 = rest % q_blocks * kBlockM;
-      const int64_t len_q = p.len_q(b);
-      if (row0 >= len_q) continue;
-      const int rows = int(std::min<int64_t>(kBlockM, len_q - row0));
-      const Task t{b, h, row0, rows, split * chunk, std::min<int64_t>(p.len_k(b), (split + 1) * chunk)};
+      const Task t = task_at(p, task / splits, split * chunk, (split + 1) * chunk);
+      if (t.rows == 0) continue;
       attend(p, t, ws);  // an empty key range leaves l = 0: LSE_c = -inf, ignored by merge
       write_partial(p, t, split, mp, ws);
     }
   }
 
   // Merge straight into the caller's out/lse (varlen rows are addressed through AttnParams).
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t task = 0; task < int64_t(p.batch) * p.heads * q_blocks; ++task) {
-    const int b = int(task / (int64_t(p.heads) * q_blocks));
-    const int h = int(task / q_blocks % p.heads);
-    const int64_t row0 = task % q_blocks * kBlockM;
-    const int64_t rows_end = std::min<int64_t>(p.len_q(b), row0 + kBlockM);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int b = int(row / (int64_t(p.heads) * p.seqlen_q));
+    const int h = int(row / p.seqlen_q % p.heads);
+    const int64_t i = row % p.seqlen_q;
     const size_t esize = dtype_size(p.dtype);
-    for (int64_t i = row0; i < rows_end; ++i) {
+    if (i < p.len_q(b)) {
       float lse_max = kNegInf;
       for (int c = 0; c < splits; ++c)
         lse_max = std::max(lse_max, partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i]);
@@ -341,8 +375,7 @@ void forward_split(const AttnParams& p, int threads, int splits) {
 // blocks (below that, the partial write and merge cost more than the parallelism returns).
 int choose_splits(const AttnParams& p, int threads) {
   if (p.num_splits > 0) return int(std::min<int64_t>(p.num_splits, std::max<int64_t>(1, (p.seqlen_k + kBlockN - 1) / kBlockN)));
-  const int64_t q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int64_t tasks = int64_t(p.batch) * p.heads * q_blocks;
+  const int64_t tasks = int64_t(p.batch) * p.heads_k * row_blocks(p);
   if (tasks >= 2 * threads) return 1;
   const int64_t by_threads = (2 * threads + tasks - 1) / tasks;
   const int64_t by_keys = p.seqlen_k / (4 * kBlockN);
