@@ -38,6 +38,13 @@ void check_defined(const Tensor& t, const char* name) {
                 "address " + std::to_string(addr));
 }
 
+// A size that becomes an int field must fit one: 2^32 + 4 heads truncated to 4 would pass every
+// later check and silently compute something else.
+int int_size(int64_t v, const char* name, const char* what) {
+  if (v > INT32_MAX) throw Error(name, std::string(what) + " below 2^31", str(v));
+  return static_cast<int>(v);
+}
+
 void check_rank(const Tensor& t, const char* name, int rank, const char* layout) {
   if (t.rank != rank)
     throw Error(name, "rank " + str(rank) + " " + layout, "rank " + str(t.rank) + " " + t.shape_string());
@@ -214,10 +221,10 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
   check_last_contiguous(v, "v");
 
   const int o = varlen ? -1 : 0;  // dimension offset: varlen tensors have no batch dimension
-  p.heads = static_cast<int>(q.shape[o + 2]);
-  p.head_dim = static_cast<int>(q.shape[o + 3]);
-  p.heads_k = static_cast<int>(k.shape[o + 2]);
-  p.head_dim_v = static_cast<int>(v.shape[o + 3]);
+  p.heads = int_size(q.shape[o + 2], "q", "a head count");
+  p.head_dim = int_size(q.shape[o + 3], "q", "a head_dim");
+  p.heads_k = int_size(k.shape[o + 2], "k", "a head count");
+  p.head_dim_v = int_size(v.shape[o + 3], "v", "a head_dim_v");
   if (p.heads < 1) throw Error("q", "at least one head", q.shape_string());
   if (p.heads_k < 1) throw Error("k", "at least one head", k.shape_string());
   if (p.heads % p.heads_k != 0)
@@ -238,7 +245,7 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     check_rank(layout->cu_seqlens_q, "cu_seqlens_q", 1, "(batch + 1)");
     if (layout->cu_seqlens_q.shape[0] < 1)
       throw Error("cu_seqlens_q", "length batch + 1 >= 1", layout->cu_seqlens_q.shape_string());
-    p.batch = static_cast<int>(layout->cu_seqlens_q.shape[0] - 1);
+    p.batch = int_size(layout->cu_seqlens_q.shape[0] - 1, "cu_seqlens_q", "a batch size");
     if (layout->max_seqlen_q < 0) throw Error("max_seqlen_q", ">= 0", str(layout->max_seqlen_q));
     if (layout->max_seqlen_k < 0) throw Error("max_seqlen_k", ">= 0", str(layout->max_seqlen_k));
     p.total_q = q.shape[0];
@@ -251,7 +258,7 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     p.seqlen_q = layout->max_seqlen_q;
     p.seqlen_k = layout->max_seqlen_k;
   } else {
-    p.batch = static_cast<int>(q.shape[0]);
+    p.batch = int_size(q.shape[0], "q", "a batch size");
     p.seqlen_q = q.shape[1];
     p.seqlen_k = k.shape[1];
     if (k.shape[0] != p.batch) throw Error("k", "batch " + str(p.batch) + " (that of q)", k.shape_string());
@@ -321,11 +328,11 @@ MergeParams check_merge(const Tensor& partial_out, const Tensor& partial_lse, co
   check_dtype(partial_out, "partial_out", DType::f32, "(partial outputs are fp32)");
   check_dtype(partial_lse, "partial_lse", DType::f32, "(log-sum-exp is always fp32)");
   check_rank(partial_out, "partial_out", 5, "(splits, batch, seqlen_q, heads, head_dim_v)");
-  m.splits = static_cast<int>(partial_out.shape[0]);
-  m.batch = static_cast<int>(partial_out.shape[1]);
+  m.splits = int_size(partial_out.shape[0], "partial_out", "a split count");
+  m.batch = int_size(partial_out.shape[1], "partial_out", "a batch size");
   m.seqlen_q = partial_out.shape[2];
-  m.heads = static_cast<int>(partial_out.shape[3]);
-  m.head_dim_v = static_cast<int>(partial_out.shape[4]);
+  m.heads = int_size(partial_out.shape[3], "partial_out", "a head count");
+  m.head_dim_v = int_size(partial_out.shape[4], "partial_out", "a head_dim_v");
   if (m.splits < 1) throw Error("partial_out", "at least one split", partial_out.shape_string());
   check_shape(partial_lse, "partial_lse", {m.splits, m.batch, m.heads, m.seqlen_q}, "(splits, batch, heads, seqlen_q)");
   check_shape(out, "out", {m.batch, m.seqlen_q, m.heads, m.head_dim_v}, "(batch, seqlen_q, heads, head_dim_v)");
