@@ -401,6 +401,47 @@ Geometry geometry(Layout layout, int64_t b, int64_t s, int64_t h, int64_t d) {
   }
 }
 
+Options options_of(const Config& c) {
+  Options opt;
+  opt.softmax_scale = c.scale;
+  opt.causal = c.causal;
+  opt.window_left = c.wl;
+  opt.window_right = c.wr;
+  opt.softcap = c.softcap;
+  opt.num_splits = c.num_splits;
+  opt.num_threads = c.num_threads;
+  opt.deterministic = c.deterministic;
+  return opt;
+}
+
+// The usual geometric ALiBi slopes, jittered per (batch, head); (batch, heads) gets a padded
+// batch stride.
+Tensor make_alibi(Buffer& buf, const Config& c, int batch, Rng& rng) {
+  const bool per_batch = c.alibi == Alibi::batch_heads;
+  const int64_t row = per_batch ? c.heads + 3 : c.heads;
+  buf = Buffer(DType::f32, (per_batch ? batch : 1) * row);
+  Tensor a = per_batch ? view(buf, {batch, c.heads}, {row, 1}) : view(buf, {c.heads});
+  int64_t n = 0;
+  for_each_offset(a, [&](int64_t off) {
+    const int h = int(n++ % c.heads);
+    store(a, off, std::exp2(-8.0 * (h + 1) / c.heads) * rng.uniform(0.5, 1.5));
+  });
+  return a;
+}
+
+bool snapshot_and_check(Buffer& buf, const std::vector<Tensor>& views, const std::vector<uint8_t>& before,
+                        ::testing::AssertionResult& r, const char* what) {
+  if (!buf.guards_intact()) {
+    r = ::testing::AssertionFailure() << "wrote outside the buffer of " << what;
+    return false;
+  }
+  if (auto u = untouched_outside(buf, views, before); !u) {
+    r = u << " (" << what << ")";
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 void Problem::make_views(Buffer* packed, Buffer& qb, Buffer& kb, Buffer& vb, Tensor& tq, Tensor& tk, Tensor& tv) {
@@ -432,19 +473,12 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
   const int dvv = c.head_dim_v();
   Rng rng(seed);
 
-  opt.softmax_scale = c.scale;
-  opt.causal = c.causal;
-  opt.window_left = c.wl;
-  opt.window_right = c.wr;
-  opt.softcap = c.softcap;
-  opt.num_splits = c.num_splits;
-  opt.num_threads = c.num_threads;
-  opt.deterministic = c.deterministic;
+  opt = options_of(c);
 
   make_views(packed ? &qkv_buf_ : nullptr, q_buf_, k_buf_, v_buf_, q, k, v);
-  fill_normal(q, rng);
-  fill_normal(k, rng);
-  fill_normal(v, rng);
+  fill_normal(q, rng, 1.0, c.quantum);
+  fill_normal(k, rng, 1.0, c.quantum);
+  fill_normal(v, rng, 1.0, c.quantum);
 
   // Outputs: the same layout as the inputs (packed: dq/dk/dv are slices of one dqkv buffer).
   make_views(packed ? &dqkv_buf_ : nullptr, dq_buf_, dk_buf_, dv_buf_, dq, dk, dv);
@@ -454,7 +488,7 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
   out = view(out_buf_, {c.batch, c.sq, c.heads, dvv}, go.stride);
   dout_buf_ = Buffer(c.dtype, go.numel);
   dout = view(dout_buf_, {c.batch, c.sq, c.heads, dvv}, go.stride);
-  fill_normal(dout, rng);
+  fill_normal(dout, rng, 1.0, c.quantum);
   if (c.layout == Layout::padded) {
     const int64_t hs = c.sq + 3, bs = c.heads * hs + 1;
     lse_buf_ = Buffer(DType::f32, c.batch * bs);
@@ -464,19 +498,7 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
     lse = view(lse_buf_, {c.batch, c.heads, c.sq});
   }
 
-  if (c.alibi != Alibi::none) {
-    // The usual geometric ALiBi slopes, jittered per (batch, head).
-    const bool per_batch = c.alibi == Alibi::batch_heads;
-    const int64_t row = per_batch ? c.heads + 3 : c.heads;  // (batch, heads) with a padded batch stride
-    alibi_buf_ = Buffer(DType::f32, (per_batch ? c.batch : 1) * row);
-    Tensor a = per_batch ? view(alibi_buf_, {c.batch, c.heads}, {row, 1}) : view(alibi_buf_, {c.heads});
-    int64_t n = 0;
-    for_each_offset(a, [&](int64_t off) {
-      const int h = int(n++ % c.heads);
-      store(a, off, std::exp2(-8.0 * (h + 1) / c.heads) * rng.uniform(0.5, 1.5));
-    });
-    opt.alibi_slopes = a;
-  }
+  if (c.alibi != Alibi::none) opt.alibi_slopes = make_alibi(alibi_buf_, c, c.batch, rng);
 }
 
 ::testing::AssertionResult Problem::forward() {
@@ -532,6 +554,258 @@ ref::BackwardResult Problem::oracle_backward() const { return ref::backward(dout
   b.dk = to_dense(tk);
   b.dv = to_dense(tv);
   return r;
+}
+
+// ---- varlen problems ------------------------------------------------------------------------
+
+VarlenProblem::VarlenProblem(const Config& cfg, uint64_t seed) : c(cfg) {
+  if (c.lens_q.size() != c.lens_k.size() || c.lens_q.empty())
+    throw std::logic_error("varlen config needs lens_q and lens_k of one length");
+  const bool packed = c.layout == Layout::packed;
+  if (packed && (c.lens_q != c.lens_k || c.head_dim_v() != c.d))
+    throw std::logic_error("packed varlen layout needs lens_q == lens_k and dv == d");
+  Rng rng(seed);
+  opt = options_of(c);
+  cu_q = {0};
+  cu_k = {0};
+  for (size_t b = 0; b < c.lens_q.size(); ++b) {
+    cu_q.push_back(cu_q.back() + c.lens_q[b]);
+    cu_k.push_back(cu_k.back() + c.lens_k[b]);
+  }
+  const int64_t tq = used_q() + c.extra_rows, tk = used_k() + c.extra_rows;
+  const int dvv = c.head_dim_v();
+  // (rows, heads, dim) views: dense, padded, or slices of one packed (rows, h + 2 hk, d) buffer.
+  auto make3 = [&](Buffer* pk, Buffer& qb, Buffer& kb, Buffer& vb, Tensor& tq_, Tensor& tk_, Tensor& tv_) {
+    if (pk) {
+      const int64_t H = c.heads + 2 * c.heads_k;
+      *pk = Buffer(c.dtype, tq * H * c.d);
+      tq_ = view(*pk, {tq, c.heads, c.d}, {H * c.d, c.d, 1});
+      tk_ = view(*pk, {tk, c.heads_k, c.d}, {H * c.d, c.d, 1}, int64_t(c.heads) * c.d);
+      tv_ = view(*pk, {tk, c.heads_k, dvv}, {H * c.d, c.d, 1}, int64_t(c.heads + c.heads_k) * c.d);
+      return;
+    }
+    auto one = [&](Buffer& b, Tensor& t, int64_t rows, int64_t h, int64_t d) {
+      if (c.layout == Layout::padded) {
+        const int64_t hs = d + 3, rs = h * hs + 5;
+        b = Buffer(c.dtype, std::max<int64_t>(rows * rs, 1));
+        t = view(b, {rows, h, d}, {rs, hs, 1});
+      } else {
+        b = Buffer(c.dtype, std::max<int64_t>(rows * h * d, 1));
+        t = view(b, {rows, h, d});
+      }
+    };
+    one(qb, tq_, tq, c.heads, c.d);
+    one(kb, tk_, tk, c.heads_k, c.d);
+    one(vb, tv_, tk, c.heads_k, dvv);
+  };
+  make3(packed ? &qkv_buf_ : nullptr, q_buf_, k_buf_, v_buf_, q, k, v);
+  fill_normal(q, rng, 1.0, c.quantum);
+  fill_normal(k, rng, 1.0, c.quantum);
+  fill_normal(v, rng, 1.0, c.quantum);
+  make3(packed ? &dqkv_buf_ : nullptr, dq_buf_, dk_buf_, dv_buf_, dq, dk, dv);
+  const int64_t os = c.layout == Layout::padded ? c.heads * (dvv + 3) + 5 : int64_t(c.heads) * dvv;
+  const int64_t hs = c.layout == Layout::padded ? dvv + 3 : dvv;
+  out_buf_ = Buffer(c.dtype, std::max<int64_t>(tq * os, 1));
+  out = view(out_buf_, {tq, c.heads, dvv}, {os, hs, 1});
+  dout_buf_ = Buffer(c.dtype, std::max<int64_t>(tq * os, 1));
+  dout = view(dout_buf_, {tq, c.heads, dvv}, {os, hs, 1});
+  fill_normal(dout, rng, 1.0, c.quantum);
+  const int64_t ls = c.layout == Layout::padded ? tq + 3 : tq;
+  lse_buf_ = Buffer(DType::f32, std::max<int64_t>(c.heads * ls, 1));
+  lse = view(lse_buf_, {c.heads, tq}, {ls, 1});
+
+  const int B = batch();
+  cuq_buf_ = Buffer(DType::i32, B + 1);
+  cuk_buf_ = Buffer(DType::i32, B + 1);
+  layout.cu_seqlens_q = view(cuq_buf_, {B + 1});
+  layout.cu_seqlens_k = view(cuk_buf_, {B + 1});
+  for (int b = 0; b <= B; ++b) {
+    store(layout.cu_seqlens_q, b, double(cu_q[b]));
+    store(layout.cu_seqlens_k, b, double(cu_k[b]));
+  }
+  layout.max_seqlen_q = *std::max_element(c.lens_q.begin(), c.lens_q.end());
+  layout.max_seqlen_k = *std::max_element(c.lens_k.begin(), c.lens_k.end());
+  if (c.alibi != Alibi::none) opt.alibi_slopes = make_alibi(alibi_buf_, c, B, rng);
+}
+
+::testing::AssertionResult VarlenProblem::forward() {
+  out_buf_.poison();
+  lse_buf_.poison();
+  const auto ob = out_buf_.snapshot(), lb = lse_buf_.snapshot();
+  auto r = runs("flashattn::forward_varlen", [&] { flashattn::forward_varlen(q, k, v, out, lse, layout, opt); });
+  if (!r) return r;
+  // Rows past the last sequence belong to no sequence: they must keep their poison.
+  Tensor used_out = out, used_lse = lse;
+  used_out.shape[0] = used_q();
+  used_lse.shape[1] = used_q();
+  if (!snapshot_and_check(out_buf_, {used_out}, ob, r, "out")) return r;
+  if (!snapshot_and_check(lse_buf_, {used_lse}, lb, r, "lse")) return r;
+  return r;
+}
+
+::testing::AssertionResult VarlenProblem::backward() {
+  const bool packed = c.layout == Layout::packed;
+  std::vector<Buffer*> bufs = packed ? std::vector<Buffer*>{&dqkv_buf_} : std::vector<Buffer*>{&dq_buf_, &dk_buf_, &dv_buf_};
+  std::vector<std::vector<uint8_t>> before;
+  for (Buffer* b : bufs) {
+    b->poison();
+    before.push_back(b->snapshot());
+  }
+  auto r = runs("flashattn::backward_varlen",
+                [&] { flashattn::backward_varlen(dout, q, k, v, out, lse, dq, dk, dv, layout, opt); });
+  if (!r) return r;
+  with_grads_ = true;
+  Tensor uq = dq, uk = dk, uv = dv;
+  uq.shape[0] = used_q();
+  uk.shape[0] = used_k();
+  uv.shape[0] = used_k();
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    const std::vector<Tensor> views = packed ? std::vector<Tensor>{uq, uk, uv} : std::vector<Tensor>{i == 0 ? uq : i == 1 ? uk : uv};
+    if (!snapshot_and_check(*bufs[i], views, before[i], r, "a gradient")) return r;
+  }
+  return r;
+}
+
+namespace {
+Tensor rows(Tensor t, int64_t begin, int64_t count) {  // rows [begin, begin + count) of a (rows, ...) view
+  t.data = static_cast<uint8_t*>(t.data) + begin * t.stride[0] * int64_t(flashattn::dtype_size(t.dtype));
+  t.shape[0] = count;
+  return t;
+}
+// (heads, rows) lse restricted to columns [0, used)
+std::vector<double> lse_cols(const std::vector<double>& lse, int heads, int64_t total, int64_t used) {
+  std::vector<double> r;
+  r.reserve(size_t(heads * used));
+  for (int h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < used; ++i) r.push_back(lse[size_t(h * total + i)]);
+  return r;
+}
+std::vector<double> head_rows(std::vector<double> v, int64_t rows, int64_t width) {
+  v.resize(size_t(rows * width));
+  return v;
+}
+}  // namespace
+
+VarlenProblem::Dense VarlenProblem::ours() const {
+  Dense d;
+  d.out = to_dense(rows(out, 0, used_q()));
+  Tensor l = lse;
+  l.shape[1] = used_q();
+  d.lse = to_dense(l);
+  if (with_grads_) {
+    d.dq = to_dense(rows(dq, 0, used_q()));
+    d.dk = to_dense(rows(dk, 0, used_k()));
+    d.dv = to_dense(rows(dv, 0, used_k()));
+  }
+  return d;
+}
+
+VarlenProblem::Dense VarlenProblem::oracle(bool with_backward) const {
+  Dense d;
+  const int dvv = c.head_dim_v();
+  const auto f = ref::forward(q, k, v, opt, &layout);
+  d.out = head_rows(f.out, used_q(), int64_t(c.heads) * dvv);
+  d.lse = lse_cols(f.lse, c.heads, q.shape[0], used_q());
+  if (with_backward) {
+    const auto g = ref::backward(dout, q, k, v, opt, &layout);
+    d.dq = head_rows(g.dq, used_q(), int64_t(c.heads) * c.d);
+    d.dk = head_rows(g.dk, used_k(), int64_t(c.heads_k) * c.d);
+    d.dv = head_rows(g.dv, used_k(), int64_t(c.heads_k) * dvv);
+  }
+  return d;
+}
+
+::testing::AssertionResult VarlenProblem::per_sequence(Dense& r, bool standard, bool with_backward) const {
+  const int dvv = c.head_dim_v(), H = c.heads, HK = c.heads_k;
+  r.out.assign(size_t(used_q() * H * dvv), 0.0);
+  r.lse.assign(size_t(H * used_q()), -kInf);
+  if (with_backward) {
+    r.dq.assign(size_t(used_q() * H * c.d), 0.0);
+    r.dk.assign(size_t(used_k() * HK * c.d), 0.0);
+    r.dv.assign(size_t(used_k() * HK * dvv), 0.0);
+  }
+  // (1, len, heads, dim) view of the rows [begin, begin + len) of a (rows, heads, dim) view
+  auto seq = [](const Tensor& t, int64_t begin, int64_t len) {
+    Tensor s = rows(t, begin, len);
+    Tensor f = s;
+    f.rank = 4;
+    f.shape = {1, len, s.shape[1], s.shape[2], 0, 0};
+    f.stride = {std::max<int64_t>(len, 1) * s.stride[0], s.stride[0], s.stride[1], 1, 0, 0};
+    return f;
+  };
+  for (int b = 0; b < batch(); ++b) {
+    const int64_t lq = c.lens_q[b], lk = c.lens_k[b];
+    if (lq == 0) continue;  // nothing to compute; dK/dV of its keys stay 0
+    if (lk == 0) continue;  // no key: O = 0, LSE = -inf, dQ = 0 (already so)
+    Options o = opt;
+    Buffer slope;
+    if (c.alibi == Alibi::batch_heads) {
+      slope = Buffer(DType::f32, H);
+      const Tensor all = *opt.alibi_slopes;
+      Tensor s = view(slope, {H});
+      for (int h = 0; h < H; ++h) store(s, h, load(all, b * all.stride[0] + h));
+      o.alibi_slopes = s;
+    }
+    const Tensor qs = seq(q, cu_q[b], lq), ks = seq(k, cu_k[b], lk), vs = seq(v, cu_k[b], lk),
+                 dos = seq(dout, cu_q[b], lq);
+    Buffer ob(c.dtype, lq * H * dvv), lb(DType::f32, H * lq);
+    const Tensor os = view(ob, {1, lq, H, dvv}), ls = view(lb, {1, H, lq});
+    auto res = runs(standard ? "standard::forward" : "flashattn::forward (one sequence)", [&] {
+      if (standard)
+        flashattn::standard::forward(qs, ks, vs, os, ls, o);
+      else
+        flashattn::forward(qs, ks, vs, os, ls, o);
+    });
+    if (!res) return res << " (sequence " << b << ")";
+    const auto od = to_dense(os), ld = to_dense(ls);
+    for (int64_t i = 0; i < lq; ++i)
+      for (int h = 0; h < H; ++h) {
+        r.lse[size_t(h * used_q() + cu_q[b] + i)] = ld[size_t(h * lq + i)];
+        for (int x = 0; x < dvv; ++x)
+          r.out[size_t(((cu_q[b] + i) * H + h) * dvv + x)] = od[size_t((i * H + h) * dvv + x)];
+      }
+    if (!with_backward) continue;
+    Buffer gq(c.dtype, lq * H * c.d), gk(c.dtype, lk * HK * c.d), gv(c.dtype, lk * HK * dvv);
+    const Tensor tq = view(gq, {1, lq, H, c.d}), tk = view(gk, {1, lk, HK, c.d}), tv = view(gv, {1, lk, HK, dvv});
+    res = runs(standard ? "standard::backward" : "flashattn::backward (one sequence)", [&] {
+      if (standard)
+        flashattn::standard::backward(dos, qs, ks, vs, os, ls, tq, tk, tv, o);
+      else
+        flashattn::backward(dos, qs, ks, vs, os, ls, tq, tk, tv, o);
+    });
+    if (!res) return res << " (sequence " << b << ")";
+    const auto dqd = to_dense(tq), dkd = to_dense(tk), dvd = to_dense(tv);
+    std::copy(dqd.begin(), dqd.end(), r.dq.begin() + cu_q[b] * H * c.d);
+    std::copy(dkd.begin(), dkd.end(), r.dk.begin() + cu_k[b] * HK * c.d);
+    std::copy(dvd.begin(), dvd.end(), r.dv.begin() + cu_k[b] * HK * dvv);
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ---- finite differences ----------------------------------------------------------------------
+
+std::vector<double> fd_gradient(const Tensor& x, const std::vector<double>& g,
+                                const std::function<std::vector<double>()>& forward_out, double h) {
+  if (x.dtype != DType::f32) throw std::logic_error("fd_gradient needs fp32 inputs");
+  auto loss = [&] {
+    const std::vector<double> o = forward_out();
+    double l = 0;
+    for (size_t i = 0; i < o.size() && i < g.size(); ++i) l += o[i] * g[i];
+    return l;
+  };
+  std::vector<double> grad;
+  for_each_offset(x, [&](int64_t off) {
+    float* p = static_cast<float*>(x.data) + off;
+    const float x0 = *p;
+    const float xp = float(double(x0) + h), xm = float(double(x0) - h);
+    *p = xp;
+    const double lp = loss();
+    *p = xm;
+    const double lm = loss();
+    *p = x0;
+    grad.push_back((lp - lm) / (double(xp) - double(xm)));
+  });
+  return grad;
 }
 
 }  // namespace fa_test

@@ -175,10 +175,16 @@ struct Config {
   std::optional<float> scale;
   int num_splits = 0, num_threads = 0;
   bool deterministic = false;
+  double quantum = 0;  // > 0: inputs are multiples of it (exact finite differences)
+  // Varlen problems only (VarlenProblem): per-sequence lengths, and packed rows past the last
+  // sequence (present in the tensors, owned by no sequence: they must stay untouched).
+  std::vector<int> lens_q, lens_k;
+  int extra_rows = 0;
 
   int head_dim_v() const { return dv > 0 ? dv : d; }
   std::string name() const;  // a valid gtest name
 };
+inline void PrintTo(const Config& c, std::ostream* os) { *os << c.name(); }
 
 // Owns the inputs (seeded random) and the outputs of one fixed-length problem.
 class Problem {
@@ -213,5 +219,50 @@ class Problem {
   Buffer out_buf_, lse_buf_, dqkv_buf_, dq_buf_, dk_buf_, dv_buf_;
   void make_views(Buffer* packed, Buffer& qb, Buffer& kb, Buffer& vb, Tensor& tq, Tensor& tk, Tensor& tv);
 };
+
+// A variable-length batch: q (total_q, heads, d), k/v (total_k, heads_k, d / dv) with
+// cu_seqlens from c.lens_q / c.lens_k, plus c.extra_rows rows past the last sequence.
+// Layouts: dense, packed (lens_q == lens_k, d == dv), padded.
+class VarlenProblem {
+ public:
+  VarlenProblem(const Config& c, uint64_t seed);
+  VarlenProblem(const VarlenProblem&) = delete;
+
+  const Config c;
+  Options opt;
+  flashattn::VarlenLayout layout;
+  Tensor q, k, v, dout, out, lse, dq, dk, dv;
+  std::vector<int64_t> cu_q, cu_k;  // host copies of cu_seqlens
+
+  int batch() const { return int(c.lens_q.size()); }
+  int64_t used_q() const { return cu_q.back(); }  // rows owned by a sequence
+  int64_t used_k() const { return cu_k.back(); }
+
+  ::testing::AssertionResult forward();
+  ::testing::AssertionResult backward();  // needs forward() first
+
+  // Results in the oracle's dense layout restricted to the used rows:
+  //   out (used_q, heads, dv), lse (heads, used_q), dq (used_q, heads, d), dk/dv (used_k, heads_k, .)
+  struct Dense {
+    std::vector<double> out, lse, dq, dk, dv;
+  };
+  Dense ours() const;  // read back from out/lse (and dq/dk/dv when with_backward)
+  Dense oracle(bool with_backward) const;
+  // Each sequence run on its own through the fixed-length API (ours, or the standard baseline),
+  // on views into the same packed inputs. Sequences with no key get O = 0, LSE = -inf, dQ = 0
+  // without a call (the fixed-length tests cover seqlen_k = 0 themselves).
+  ::testing::AssertionResult per_sequence(Dense& r, bool standard, bool with_backward) const;
+
+ private:
+  Buffer qkv_buf_, q_buf_, k_buf_, v_buf_, dout_buf_, alibi_buf_, cuq_buf_, cuk_buf_;
+  Buffer out_buf_, lse_buf_, dqkv_buf_, dq_buf_, dk_buf_, dv_buf_;
+  bool with_grads_ = false;
+};
+
+// Central differences of L = sum(O * G), O from `forward` (the oracle), G the dense dout values,
+// with respect to every element of x (an fp32 input view that `forward` reads), step h.
+// Inputs should be multiples of a power of two well above h so that x +- h is exact.
+std::vector<double> fd_gradient(const Tensor& x, const std::vector<double>& g,
+                                const std::function<std::vector<double>()>& forward_out, double h);
 
 }  // namespace fa_test
