@@ -295,9 +295,24 @@ double finite_max_abs(const std::vector<double>& a, const std::vector<double>& b
                                        << base_err << ") + atol (" << atol << ") = " << bound << "; " << describe(d);
 }
 
+::testing::AssertionResult close_rel_or_baseline(const std::string& what, const std::vector<double>& ours,
+                                                 const std::vector<double>& base, const std::vector<double>& ref) {
+  const Diff d = diff(ours, ref);
+  const double base_err = finite_max_abs(base, ref);
+  const double rel_bound = kFp32RelTol * d.max_ref, bound = std::max(rel_bound, 2 * base_err);
+  if (verbose())
+    std::printf("  [%s] rel err %.3g (tol %.3g)%s\n", what.c_str(), d.max_abs / std::max(d.max_ref, double(FLT_MIN)),
+                kFp32RelTol, 2 * base_err > rel_bound ? "  [ill-conditioned: bound from the fp32 baseline]" : "");
+  if (d.nonfinite_mismatches == 0 && d.max_abs <= bound) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": max|ours - ref| " << d.max_abs << " > max(1e-5 max|ref| ("
+                                       << rel_bound << "), 2 max|base_fp32 - ref| (" << 2 * base_err
+                                       << ")); relative error " << d.max_abs / std::max(d.max_ref, double(FLT_MIN))
+                                       << "; " << describe(d);
+}
+
 ::testing::AssertionResult close(const std::string& what, DType t, const std::vector<double>& ours,
                                  const std::vector<double>* base, const std::vector<double>& ref) {
-  if (t == DType::f32) return close_rel(what, ours, ref);
+  if (t == DType::f32) return base && !base->empty() ? close_rel_or_baseline(what, ours, *base, ref) : close_rel(what, ours, ref);
   if (!base) return ::testing::AssertionFailure() << what << ": no baseline for " << short_name(t);
   return close_to_baseline(what, ours, *base, ref, atol_rel(t));
 }
