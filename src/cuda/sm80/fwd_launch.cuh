@@ -1,0 +1,61 @@
+// Launches the sm80 forward kernel for one (head dim, dtype) instantiation. Included only by
+// the generated translation units under src/cuda/inst/.
+#pragma once
+
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <string>
+#include <type_traits>
+
+#include "cuda/common/check.h"
+#include "cuda/sm80/fwd_kernel.cuh"
+#include "cuda/sm80/launch.h"
+#include "flashattn/error.h"
+
+namespace flashattn::cuda::sm80 {
+
+template <typename T>
+constexpr const char* element_name() {
+  return std::is_same_v<T, __half> ? "fp16" : "bf16";
+}
+
+template <int kHeadDim, typename T>
+void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
+  using Tr = FwdTraits<kHeadDim, T>;
+  static const std::string name = [] {
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "flash_fwd_sm80<hdim %d, %s, %dx%d, %d warps>", kHeadDim, element_name<T>(),
+                  Tr::kBlockM, Tr::kBlockN, Tr::kWarps);
+    return std::string(buf);
+  }();
+
+  FwdArgs args;
+  args.group = p.heads / p.heads_k;
+  const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  const int64_t blocks = m_blocks * p.heads * p.batch;
+  if (blocks == 0) return;
+  if (blocks > INT_MAX)
+    throw Unsupported("flashattn: CUDA forward: " + std::to_string(blocks) +
+                      " query blocks (seqlen_q / " + std::to_string(Tr::kBlockM) +
+                      " x heads x batch) exceed the grid limit of 2^31 - 1");
+  args.m_blocks = int(m_blocks);
+  args.scale_log2 = p.scale * detail::kLog2e;
+
+  auto kernel = flash_fwd_kernel<Tr>;
+  // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
+  static std::atomic<uint64_t> smem_ready{0};
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (!bit || !(smem_ready.load(std::memory_order_acquire) & bit)) {
+    if (Tr::kSmemBytes > max_smem_per_block(device))
+      throw Unsupported("flashattn: " + name + " needs " + std::to_string(Tr::kSmemBytes) +
+                        " bytes of shared memory per block; cuda:" + std::to_string(device) + " offers " +
+                        std::to_string(max_smem_per_block(device)));
+    FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+    smem_ready.fetch_or(bit, std::memory_order_release);
+  }
+  kernel<<<dim3(unsigned(blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(p, args);
+  FA_CHECK_LAUNCH(name.c_str());
+}
+
+}  // namespace flashattn::cuda::sm80

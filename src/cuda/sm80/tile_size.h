@@ -1,0 +1,32 @@
+// Every tile choice of the sm80 forward kernel, in one place. A choice depends only on the
+// instantiated (padded) head dim; each line says why.
+//
+// Budget per thread: the O accumulator holds (rows per warp) * head_dim / 32 fp32 registers and
+// S holds (rows per warp) * kBlockN / 32; a thread has at most 255. Shared memory: Q plus two
+// stages of K and V, rows padded by 16 bytes, must fit A100's 163 KB so one binary serves
+// sm80 and sm90.
+#pragma once
+
+namespace flashattn::cuda::sm80 {
+
+struct FwdTile {
+  int block_m;  // query rows per CTA
+  int block_n;  // keys per pipeline stage
+  int warps;    // each warp owns block_m / warps consecutive query rows
+};
+
+constexpr FwdTile fwd_tile(int head_dim) {
+  // 32 rows per warp: each K/V fragment read from smem feeds two MMAs (smem bandwidth, not
+  // the tensor cores, bounds mma.sync on sm90); 128 keys amortise the per-block softmax.
+  if (head_dim <= 64) return {128, 128, 4};
+  // O takes 96 registers; S over 64 keys another 64.
+  if (head_dim <= 96) return {128, 64, 4};
+  // O takes 128 registers: 64 keys keep S at 64 and the total under 255 (FA2's H100 choice).
+  if (head_dim <= 128) return {128, 64, 4};
+  // O would need 192+ registers at 32 rows per warp: 8 warps of 16 rows.
+  if (head_dim <= 192) return {128, 64, 8};
+  // d = 256: 8 warps of 16 rows (O = 128 regs); 32 keys keep Q + 2x(K+V) at 135 KB (A100).
+  return {128, 32, 8};
+}
+
+}  // namespace flashattn::cuda::sm80
