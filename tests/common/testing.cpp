@@ -301,8 +301,10 @@ double finite_max_abs(const std::vector<double>& a, const std::vector<double>& b
   const double base_err = finite_max_abs(base, ref);
   const double rel_bound = kFp32RelTol * d.max_ref, bound = std::max(rel_bound, 2 * base_err);
   if (verbose())
-    std::printf("  [%s] rel err %.3g (tol %.3g)%s\n", what.c_str(), d.max_abs / std::max(d.max_ref, double(FLT_MIN)),
-                kFp32RelTol, 2 * base_err > rel_bound ? "  [ill-conditioned: bound from the fp32 baseline]" : "");
+    std::printf("  [%s] rel err %.3g (tol %.3g)%s  (abs err %.3g, base err %.3g, max|ref| %.3g)\n", what.c_str(),
+                d.max_abs / std::max(d.max_ref, double(FLT_MIN)), kFp32RelTol,
+                2 * base_err > rel_bound ? "  [ill-conditioned: bound from the fp32 baseline]" : "", d.max_abs,
+                base_err, d.max_ref);
   if (d.nonfinite_mismatches == 0 && d.max_abs <= bound) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << what << ": max|ours - ref| " << d.max_abs << " > max(1e-5 max|ref| ("
                                        << rel_bound << "), 2 max|base_fp32 - ref| (" << 2 * base_err
