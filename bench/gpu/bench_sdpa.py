@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Forward attention on the GPU: flashattn (through flashattn-gpu-bench) against PyTorch SDPA's
+flash (FA2) and cuDNN backends, on the FlashAttention papers' convention (DESIGN §6):
+16k tokens in total, model dim 2048, heads = 2048 / d, batch = 16384 / seqlen, bf16.
+
+    python3 bench/gpu/bench_sdpa.py --ours build/bench/gpu/flashattn-gpu-bench --out DIR
+
+Measures the device's ceilings first (bf16 GEMM rate, device-to-device copy bandwidth), times
+each config with CUDA events (median of --iters after --warmup), prints a Markdown table and
+writes bench.json and bench.md under --out.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def median_ms(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2]
+
+
+def ceilings(warmup, iters):
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, warmup, iters)
+    gemm = 2 * n**3 / (ms * 1e-3) / 1e12
+    x = torch.empty(1 << 30, device="cuda", dtype=torch.uint8).random_()
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), warmup, iters)
+    copy = 2 * x.numel() / (ms * 1e-3) / 1e12  # bytes read + written, TB/s
+    return gemm, copy
+
+
+def flops(b, h, s, d, causal):
+    return 4 * b * h * s * s * d / (2 if causal else 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", required=True, help="path of flashattn-gpu-bench")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--seqlens", default="1024,2048,4096,8192")
+    ap.add_argument("--head-dims", default="64,128")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name(0)
+    gemm, copy = ceilings(args.warmup, args.iters)
+    print(f"device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    print(f"ceilings: bf16 GEMM 8192^3 {gemm:.0f} TFLOP/s, device copy {copy:.2f} TB/s")
+
+    configs = []
+    for d in map(int, args.head_dims.split(",")):
+        for causal in (False, True):
+            for s in map(int, args.seqlens.split(",")):
+                configs.append((16384 // s, s, 2048 // d, d, causal))
+
+    # Ours: one process for all configs.
+    cmd = [args.ours, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    for b, s, h, d, c in configs:
+        cmd += ["--case", f"{b},{s},{h},{d},{int(c)}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr, file=sys.stderr)
+        sys.exit("flashattn-gpu-bench failed")
+    ours = {}
+    for line in proc.stdout.splitlines():
+        r = json.loads(line)
+        ours[(r["batch"], r["seqlen"], r["heads"], r["head_dim"], r["causal"])] = r
+
+    rows = []
+    for b, s, h, d, causal in configs:
+        # (b, s, h, d) memory viewed as (b, h, s, d): the layout flash_attn and ours take natively.
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        row = {"batch": b, "seqlen": s, "heads": h, "head_dim": d, "causal": causal,
+               "ours_ms": ours[(b, s, h, d, causal)]["ms"]}
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    row[f"{name}_ms"] = median_ms(
+                        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), args.warmup, args.iters)
+            except Exception as e:  # a backend that refuses the shape
+                row[f"{name}_ms"] = None
+                print(f"{name} failed for {row}: {e}", file=sys.stderr)
+        f = flops(b, h, s, d, causal)
+        for name in ("ours", "flash", "cudnn"):
+            ms = row[f"{name}_ms"]
+            row[f"{name}_tflops"] = f / (ms * 1e-3) / 1e12 if ms else None
+        rows.append(row)
+        del q, k, v
+
+    def fmt(x, p=0):
+        return "—" if x is None else f"{x:.{p}f}"
+
+    lines = [
+        f"Device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+        f"bf16 GEMM ceiling {gemm:.0f} TFLOP/s, copy {copy:.2f} TB/s",
+        "",
+        "| d | causal | seqlen | batch x heads | ours TFLOP/s | SDPA flash | cuDNN | ours/flash | ours/cuDNN | ours ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rf = r["ours_tflops"] / r["flash_tflops"] if r["flash_tflops"] else None
+        rc = r["ours_tflops"] / r["cudnn_tflops"] if r["cudnn_tflops"] else None
+        lines.append(
+            f"| {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['seqlen']} | {r['batch']}x{r['heads']} | "
+            f"{fmt(r['ours_tflops'])} | {fmt(r['flash_tflops'])} | {fmt(r['cudnn_tflops'])} | "
+            f"{fmt(rf, 2)} | {fmt(rc, 2)} | {r['ours_ms']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "bench.md").write_text(table + "\n")
+    (out / "bench.json").write_text(json.dumps(
+        {"device": dev, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+         "gemm_tflops": gemm, "copy_tbps": copy, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

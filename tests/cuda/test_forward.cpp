@@ -1,0 +1,733 @@
+// GPU tests of the CUDA backend: flashattn::forward / forward_varlen / merge on device tensors,
+// checked against the fp64 oracle (ref::forward) on host copies with the DESIGN §5 rule
+//   max|ours - ref| <= 2 * max|base - ref| + atol_rel * max|ref|
+// where base = the standard attention (flashattn::standard, materialised S/P rounded to the
+// input dtype) on the CPU, and atol_rel = 1e-2 (bf16) / 1e-3 (fp16): the rounding of the stored
+// result alone, with a factor 2 (the same constants as the CPU suite's tests/common).
+//
+// Every output buffer is poisoned (NaN) with guard bands around it, and strided layouts leave
+// gaps that must stay untouched. Without a usable sm80+ GPU every test is skipped (CI).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/half.h"
+#include "flashattn/flashattn.h"
+#include "ref/reference.h"
+#include "ref/standard.h"
+
+namespace {
+
+using flashattn::Device;
+using flashattn::DType;
+using flashattn::Options;
+using flashattn::Tensor;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+#define CUDA_OK(call)                                                                   \
+  do {                                                                                  \
+    const cudaError_t e_ = (call);                                                      \
+    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_);              \
+  } while (0)
+
+bool gpu_present() {
+  static const bool ok = flashattn::cuda_available();
+  return ok;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!gpu_present()) GTEST_SKIP() << "no sm80+ CUDA device: GPU tests skipped"
+
+uint64_t seed_for(const std::string& name) {
+  uint64_t h = 1469598103934665603ull;
+  for (char c : name) h = (h ^ uint8_t(c)) * 1099511628211ull;
+  if (const char* s = std::getenv("FLASHATTN_TEST_SEED")) h ^= std::strtoull(s, nullptr, 10);
+  return h;
+}
+
+// ---- device buffers with guard bands --------------------------------------------------------
+// A device allocation of `numel` elements of `esize` bytes plus kGuard bytes on both sides. All
+// of it starts as `fill`; check_outside() verifies that only the given offsets changed.
+class DeviceBuffer {
+ public:
+  static constexpr size_t kGuard = 512;  // bytes, a multiple of 16 (keeps data 16-byte aligned)
+
+  DeviceBuffer(size_t esize, int64_t numel) : esize_(esize), numel_(numel) {
+    bytes_ = kGuard * 2 + esize * size_t(std::max<int64_t>(numel, 1));
+    if (cudaMalloc(&raw_, bytes_) != cudaSuccess) raw_ = nullptr;
+  }
+  ~DeviceBuffer() {
+    if (raw_) cudaFree(raw_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  bool ok() const { return raw_ != nullptr; }
+  void* data() const { return static_cast<char*>(raw_) + kGuard; }
+  int64_t numel() const { return numel_; }
+
+  // The whole allocation (guards too) as host bytes / from host bytes.
+  std::vector<uint8_t> download() const {
+    std::vector<uint8_t> h(bytes_);
+    if (cudaMemcpy(h.data(), raw_, bytes_, cudaMemcpyDeviceToHost) != cudaSuccess) h.clear();
+    return h;
+  }
+  bool upload(const std::vector<uint8_t>& h) const {
+    return h.size() == bytes_ && cudaMemcpy(raw_, h.data(), bytes_, cudaMemcpyHostToDevice) == cudaSuccess;
+  }
+  // Every element (and the guards) set to the element bit pattern `pattern`.
+  std::vector<uint8_t> pattern_bytes(uint32_t pattern) const {
+    std::vector<uint8_t> h(bytes_);
+    for (size_t i = 0; i < bytes_; i += esize_) std::memcpy(&h[i], &pattern, std::min(esize_, bytes_ - i));
+    return h;
+  }
+  size_t element_byte(int64_t offset) const { return kGuard + size_t(offset) * esize_; }
+  size_t esize() const { return esize_; }
+
+ private:
+  size_t esize_;
+  int64_t numel_;
+  size_t bytes_ = 0;
+  void* raw_ = nullptr;
+};
+
+// ---- layouts --------------------------------------------------------------------------------
+enum class Layout { dense, bhsd };  // bhsd: (b, h, s, d + 8) in memory, viewed as (b, s, h, d)
+
+struct Shape4 {
+  int64_t b, s, h, d;
+};
+
+// Strides (in elements) and the allocation size of a (b, s, h, d) tensor in `layout`.
+struct Placed {
+  std::vector<int64_t> shape, stride;
+  int64_t numel = 0;
+};
+
+Placed place(Shape4 x, Layout layout, bool varlen) {
+  Placed p;
+  if (layout == Layout::dense) {
+    if (varlen) {
+      p.shape = {x.s, x.h, x.d};
+      p.stride = {x.h * x.d, x.d, 1};
+    } else {
+      p.shape = {x.b, x.s, x.h, x.d};
+      p.stride = {x.s * x.h * x.d, x.h * x.d, x.d, 1};
+    }
+    p.numel = x.b * x.s * x.h * x.d;
+    return p;
+  }
+  const int64_t dp = x.d + 8;  // a gap of 8 elements after each row: must stay untouched
+  if (varlen) {
+    p.shape = {x.s, x.h, x.d};
+    p.stride = {dp, x.s * dp, 1};
+  } else {
+    p.shape = {x.b, x.s, x.h, x.d};
+    p.stride = {x.h * x.s * dp, dp, x.s * dp, 1};
+  }
+  p.numel = x.b * x.h * x.s * dp;
+  return p;
+}
+
+Tensor make_tensor(void* data, DType t, const Placed& p, Device dev) {
+  Tensor x;
+  x.data = data;
+  x.dtype = t;
+  x.device = dev;
+  x.rank = int(p.shape.size());
+  for (int i = 0; i < x.rank; ++i) {
+    x.shape[i] = p.shape[i];
+    x.stride[i] = p.stride[i];
+  }
+  return x;
+}
+
+// Logical (row-major over shape) -> element offset.
+template <typename Fn>
+void for_each_offset(const Placed& p, Fn fn) {
+  const int r = int(p.shape.size());
+  std::vector<int64_t> idx(r, 0);
+  int64_t total = 1;
+  for (auto s : p.shape) total *= s;
+  for (int64_t n = 0; n < total; ++n) {
+    int64_t off = 0;
+    for (int i = 0; i < r; ++i) off += idx[i] * p.stride[i];
+    fn(n, off);
+    for (int i = r - 1; i >= 0; --i) {
+      if (++idx[i] < p.shape[i]) break;
+      idx[i] = 0;
+    }
+  }
+}
+
+uint16_t to_bits(DType t, float v) {
+  return t == DType::bf16 ? flashattn::float_to_bf16(v) : flashattn::float_to_f16(v);
+}
+double from_bits(DType t, uint16_t b) {
+  return t == DType::bf16 ? flashattn::bf16_to_float(b) : flashattn::f16_to_float(b);
+}
+
+// ---- comparison -------------------------------------------------------------------------------
+struct Err {
+  double max_abs = 0, max_ref = 0;
+  int64_t worst = -1, nan = 0;
+};
+
+Err error_of(const std::vector<double>& a, const std::vector<double>& ref) {
+  Err e;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isinf(ref[i])) {  // -inf LSE: must match exactly
+      if (a[i] != ref[i]) {
+        e.max_abs = kInf;
+        e.worst = int64_t(i);
+        ++e.nan;
+      }
+      continue;
+    }
+    e.max_ref = std::max(e.max_ref, std::abs(ref[i]));
+    const double d = std::abs(a[i] - ref[i]);
+    if (!std::isfinite(a[i])) {
+      ++e.nan;
+      e.max_abs = kInf;
+      e.worst = int64_t(i);
+    } else if (d > e.max_abs) {
+      e.max_abs = d;
+      e.worst = int64_t(i);
+    }
+  }
+  return e;
+}
+
+// Largest error seen per (kind, dtype), printed at the end for the report.
+struct Summary {
+  double out_err[2] = {0, 0}, out_bound[2] = {0, 0}, lse_err[2] = {0, 0};
+  int checks = 0;
+} g_summary;
+
+::testing::AssertionResult within(const std::string& what, DType t, const std::vector<double>& ours,
+                                  const std::vector<double>& base, const std::vector<double>& ref) {
+  const Err e = error_of(ours, ref);
+  const Err eb = error_of(base, ref);
+  const double atol = (t == DType::bf16 ? 1e-2 : 1e-3) * e.max_ref;
+  const double bound = 2 * eb.max_abs + atol;
+  const int k = t == DType::bf16 ? 0 : 1;
+  if (what == "out") {
+    g_summary.out_err[k] = std::max(g_summary.out_err[k], e.max_abs);
+    g_summary.out_bound[k] = std::max(g_summary.out_bound[k], bound);
+  } else {
+    g_summary.lse_err[k] = std::max(g_summary.lse_err[k], e.max_abs);
+  }
+  ++g_summary.checks;
+  std::ostringstream os;
+  os << what << ": max|ours-ref| = " << e.max_abs << " (at " << e.worst << ": ours "
+     << (e.worst >= 0 ? ours[e.worst] : 0) << ", ref " << (e.worst >= 0 ? ref[e.worst] : 0)
+     << "), bound 2*" << eb.max_abs << " + " << atol << " = " << bound << ", max|ref| " << e.max_ref
+     << ", non-finite/mismatched -inf " << e.nan;
+  if (std::getenv("FLASHATTN_TEST_VERBOSE")) std::printf("  %s\n", os.str().c_str());
+  if (e.nan == 0 && e.max_abs <= bound) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << os.str();
+}
+
+// ---- one attention problem ----------------------------------------------------------------
+struct Case {
+  std::string name;
+  int batch = 1, sq = 1, sk = 1, heads = 1, heads_k = 1, d = 64, dv = 0;
+  DType dtype = DType::bf16;
+  bool causal = false;
+  int wl = -1, wr = -1;
+  float softcap = 0;
+  bool alibi = false;
+  Layout layout = Layout::dense;
+  std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
+
+  int head_dim_v() const { return dv ? dv : d; }
+  bool varlen() const { return !lens_q.empty(); }
+};
+
+std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
+
+class ForwardRun {
+ public:
+  explicit ForwardRun(const Case& c) : c_(c) {}
+
+  void run() {
+    const Case& c = c_;
+    const bool varlen = c.varlen();
+    const int dv = c.head_dim_v();
+    std::mt19937_64 rng(seed_for(c.name));
+    std::normal_distribution<double> normal(0.0, 1.0);
+
+    // Logical sizes. Varlen: packed rows = sum of lengths plus 3 rows owned by no sequence.
+    int64_t rows_q = int64_t(c.batch) * c.sq, rows_k = int64_t(c.batch) * c.sk;
+    std::vector<int32_t> cu_q{0}, cu_k{0};
+    if (varlen) {
+      for (size_t i = 0; i < c.lens_q.size(); ++i) {
+        cu_q.push_back(cu_q.back() + c.lens_q[i]);
+        cu_k.push_back(cu_k.back() + c.lens_k[i]);
+      }
+      rows_q = cu_q.back() + 3;
+      rows_k = cu_k.back() + 3;
+    }
+    const int64_t bq = varlen ? 1 : c.batch, sq = varlen ? rows_q : c.sq, sk = varlen ? rows_k : c.sk;
+    const Placed pq = place({bq, sq, c.heads, c.d}, c.layout, varlen);
+    const Placed pk = place({bq, sk, c.heads_k, c.d}, c.layout, varlen);
+    const Placed pv = place({bq, sk, c.heads_k, dv}, c.layout, varlen);
+    const Placed po = place({bq, sq, c.heads, dv}, c.layout, varlen);
+    Placed pl;  // lse: (b, h, sq) or (h, total_q), dense
+    if (varlen) {
+      pl.shape = {c.heads, rows_q};
+      pl.stride = {rows_q, 1};
+      pl.numel = c.heads * rows_q;
+    } else {
+      pl.shape = {c.batch, c.heads, c.sq};
+      pl.stride = {int64_t(c.heads) * c.sq, c.sq, 1};
+      pl.numel = int64_t(c.batch) * c.heads * c.sq;
+    }
+    const Placed dq = place({bq, sq, c.heads, c.d}, Layout::dense, varlen);
+    const Placed dk = place({bq, sk, c.heads_k, c.d}, Layout::dense, varlen);
+    const Placed dvp = place({bq, sk, c.heads_k, dv}, Layout::dense, varlen);
+    const Placed dop = place({bq, sq, c.heads, dv}, Layout::dense, varlen);
+
+    // Host inputs (dense, the dtype's bits), fresh random values; never zeros.
+    auto random_bits = [&](int64_t n) {
+      std::vector<uint16_t> v(n);
+      for (auto& x : v) x = to_bits(c.dtype, float(normal(rng)));
+      return v;
+    };
+    hq_ = random_bits(dq.numel);
+    hk_ = random_bits(dk.numel);
+    hv_ = random_bits(dvp.numel);
+    std::vector<float> slopes;
+    if (c.alibi) {
+      for (int h = 0; h < c.heads; ++h) slopes.push_back(float(std::pow(2.0, -8.0 * (h + 1) / c.heads)));
+    }
+
+    // Device copies in the case's layout; gaps hold a pattern that must survive.
+    const uint32_t in_gap = c.dtype == DType::bf16 ? 0x3F80u : 0x3C00u;  // 1.0: a wrong read shows
+    DeviceBuffer gq(2, pq.numel), gk(2, pk.numel), gv(2, pv.numel), go(2, po.numel), gl(4, pl.numel);
+    DeviceBuffer gcu_q(4, int64_t(cu_q.size())), gcu_k(4, int64_t(cu_k.size())), gslopes(4, c.heads);
+    ASSERT_TRUE(gq.ok() && gk.ok() && gv.ok() && go.ok() && gl.ok() && gcu_q.ok() && gcu_k.ok() && gslopes.ok());
+    auto upload = [&](DeviceBuffer& g, const Placed& p, const std::vector<uint16_t>& dense) {
+      auto bytes = g.pattern_bytes(in_gap);
+      for_each_offset(p, [&](int64_t n, int64_t off) { std::memcpy(&bytes[g.element_byte(off)], &dense[n], 2); });
+      return g.upload(bytes);
+    };
+    ASSERT_TRUE(upload(gq, pq, hq_));
+    ASSERT_TRUE(upload(gk, pk, hk_));
+    ASSERT_TRUE(upload(gv, pv, hv_));
+    CUDA_OK(cudaMemcpy(gcu_q.data(), cu_q.data(), cu_q.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(gcu_k.data(), cu_k.data(), cu_k.size() * 4, cudaMemcpyHostToDevice));
+    if (c.alibi) CUDA_OK(cudaMemcpy(gslopes.data(), slopes.data(), slopes.size() * 4, cudaMemcpyHostToDevice));
+
+    // Poison: outputs NaN everywhere (gaps and guards included).
+    const uint32_t nan16 = 0x7FC1u, nan32 = 0x7FC00001u;
+    const auto out_before = go.pattern_bytes(nan16), lse_before = gl.pattern_bytes(nan32);
+    ASSERT_TRUE(go.upload(out_before));
+    ASSERT_TRUE(gl.upload(lse_before));
+
+    Options opt;
+    opt.causal = c.causal;
+    opt.window_left = c.wl;
+    opt.window_right = c.wr;
+    opt.softcap = c.softcap;
+    const Device dev = Device::cuda(0);
+    const Tensor tq = make_tensor(gq.data(), c.dtype, pq, dev);
+    const Tensor tk = make_tensor(gk.data(), c.dtype, pk, dev);
+    const Tensor tv = make_tensor(gv.data(), c.dtype, pv, dev);
+    const Tensor to = make_tensor(go.data(), c.dtype, po, dev);
+    const Tensor tl = make_tensor(gl.data(), DType::f32, pl, dev);
+    if (c.alibi) opt.alibi_slopes = Tensor::contiguous(gslopes.data(), DType::f32, {c.heads}, dev);
+    flashattn::VarlenLayout vl;
+    if (varlen) {
+      vl.cu_seqlens_q = Tensor::contiguous(gcu_q.data(), DType::i32, {int64_t(cu_q.size())}, dev);
+      vl.cu_seqlens_k = Tensor::contiguous(gcu_k.data(), DType::i32, {int64_t(cu_k.size())}, dev);
+      vl.max_seqlen_q = *std::max_element(c.lens_q.begin(), c.lens_q.end());
+      vl.max_seqlen_k = *std::max_element(c.lens_k.begin(), c.lens_k.end());
+    }
+    try {
+      if (varlen)
+        flashattn::forward_varlen(tq, tk, tv, to, tl, vl, opt);
+      else
+        flashattn::forward(tq, tk, tv, to, tl, opt);
+    } catch (const std::exception& e) {
+      FAIL() << "forward threw: " << e.what();
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+
+    // Read back; everything outside the views must be as poisoned.
+    const auto out_after = go.download(), lse_after = gl.download();
+    ASSERT_FALSE(out_after.empty());
+    ASSERT_FALSE(lse_after.empty());
+    std::vector<uint8_t> touched_o(out_after.size(), 0), touched_l(lse_after.size(), 0);
+    // Varlen rows past the last sequence are owned by nobody: they must stay poisoned too.
+    auto owned_q = [&](int64_t packed_row) { return !varlen || packed_row < cu_q.back(); };
+    std::vector<double> ours_out, ours_lse;
+    for_each_offset(po, [&](int64_t n, int64_t off) {
+      const int64_t row = n / (int64_t(c.heads) * dv);  // packed row (varlen) or b * sq + i
+      if (!owned_q(row)) return;
+      uint16_t bits;
+      std::memcpy(&bits, &out_after[go.element_byte(off)], 2);
+      for (size_t k = 0; k < 2; ++k) touched_o[go.element_byte(off) + k] = 1;
+      ours_out.push_back(from_bits(c.dtype, bits));
+    });
+    for_each_offset(pl, [&](int64_t n, int64_t off) {
+      if (!owned_q(varlen ? n % rows_q : 0)) return;
+      float f;
+      std::memcpy(&f, &lse_after[gl.element_byte(off)], 4);
+      for (size_t k = 0; k < 4; ++k) touched_l[gl.element_byte(off) + k] = 1;
+      ours_lse.push_back(f);
+    });
+    int64_t stray_o = 0, stray_l = 0;
+    for (size_t i = 0; i < out_after.size(); ++i) stray_o += !touched_o[i] && out_after[i] != out_before[i];
+    for (size_t i = 0; i < lse_after.size(); ++i) stray_l += !touched_l[i] && lse_after[i] != lse_before[i];
+    EXPECT_EQ(stray_o, 0) << "bytes of out written outside the output view (gaps, guards, unowned rows)";
+    EXPECT_EQ(stray_l, 0) << "bytes of lse written outside the lse view";
+
+    // The oracle and the same-precision baseline, on host copies (dense).
+    const Device cpu = Device::cpu();
+    Tensor hq = make_tensor(hq_.data(), c.dtype, dq, cpu), hk = make_tensor(hk_.data(), c.dtype, dk, cpu),
+           hv = make_tensor(hv_.data(), c.dtype, dvp, cpu);
+    Options hopt = opt;
+    if (c.alibi) hopt.alibi_slopes = Tensor::contiguous(slopes.data(), DType::f32, {c.heads}, cpu);
+    flashattn::VarlenLayout hvl;
+    if (varlen) {
+      hvl.cu_seqlens_q = Tensor::contiguous(cu_q.data(), DType::i32, {int64_t(cu_q.size())}, cpu);
+      hvl.cu_seqlens_k = Tensor::contiguous(cu_k.data(), DType::i32, {int64_t(cu_k.size())}, cpu);
+      hvl.max_seqlen_q = vl.max_seqlen_q;
+      hvl.max_seqlen_k = vl.max_seqlen_k;
+    }
+    const auto ref = flashattn::ref::forward(hq, hk, hv, hopt, varlen ? &hvl : nullptr);
+
+    // Restrict the oracle to owned rows (varlen: drop the 3 unowned packed rows).
+    std::vector<double> ref_out, ref_lse;
+    const int64_t used_q = varlen ? cu_q.back() : rows_q;
+    ref_out.assign(ref.out.begin(), ref.out.begin() + used_q * c.heads * dv);
+    if (varlen) {
+      for (int h = 0; h < c.heads; ++h)
+        for (int64_t r = 0; r < used_q; ++r) ref_lse.push_back(ref.lse[h * rows_q + r]);
+    } else {
+      ref_lse = ref.lse;
+    }
+
+    // Baseline: standard attention per sequence (varlen) or for the whole batch.
+    std::vector<double> base_out(ref_out.size(), 0.0), base_lse(ref_lse.size(), -kInf);
+    auto run_standard = [&](int64_t q_row0, int64_t k_row0, int len_q, int len_k, int b_fixed) {
+      if (len_q == 0 || len_k == 0) return;  // O = 0, LSE = -inf: what base_* already hold
+      const int64_t nb = varlen ? 1 : c.batch;
+      std::vector<uint16_t> so(nb * len_q * c.heads * dv);
+      std::vector<float> sl(nb * c.heads * len_q);
+      Tensor sq_t = Tensor::strided(hq_.data() + q_row0 * c.heads * c.d, c.dtype, {nb, len_q, c.heads, c.d},
+                                    {int64_t(len_q) * c.heads * c.d, int64_t(c.heads) * c.d, c.d, 1});
+      Tensor sk_t = Tensor::strided(hk_.data() + k_row0 * c.heads_k * c.d, c.dtype, {nb, len_k, c.heads_k, c.d},
+                                    {int64_t(len_k) * c.heads_k * c.d, int64_t(c.heads_k) * c.d, c.d, 1});
+      Tensor sv_t = Tensor::strided(hv_.data() + k_row0 * c.heads_k * dv, c.dtype, {nb, len_k, c.heads_k, dv},
+                                    {int64_t(len_k) * c.heads_k * dv, int64_t(c.heads_k) * dv, dv, 1});
+      Tensor so_t = Tensor::contiguous(so.data(), c.dtype, {nb, len_q, c.heads, dv});
+      Tensor sl_t = Tensor::contiguous(sl.data(), DType::f32, {nb, c.heads, len_q});
+      flashattn::standard::forward(sq_t, sk_t, sv_t, so_t, sl_t, hopt);
+      for (int64_t bb = 0; bb < nb; ++bb)
+        for (int64_t i = 0; i < len_q; ++i)
+          for (int h = 0; h < c.heads; ++h) {
+            const int64_t row = varlen ? q_row0 + i : bb * c.sq + i;
+            for (int d = 0; d < dv; ++d)
+              base_out[(row * c.heads + h) * dv + d] = from_bits(c.dtype, so[((bb * len_q + i) * c.heads + h) * dv + d]);
+            const double l = sl[(bb * c.heads + h) * len_q + i];
+            if (varlen)
+              base_lse[h * used_q + row] = l;
+            else
+              base_lse[(bb * c.heads + h) * c.sq + i] = l;
+          }
+      (void)b_fixed;
+    };
+    try {
+      if (varlen) {
+        for (size_t b = 0; b < c.lens_q.size(); ++b)
+          run_standard(cu_q[b], cu_k[b], c.lens_q[b], c.lens_k[b], int(b));
+      } else {
+        run_standard(0, 0, c.sq, c.sk, 0);
+      }
+    } catch (const std::exception& e) {
+      FAIL() << "standard attention (baseline) threw: " << e.what();
+    }
+
+    ASSERT_EQ(ours_out.size(), ref_out.size());
+    ASSERT_EQ(ours_lse.size(), ref_lse.size());
+    EXPECT_TRUE(within("out", c.dtype, ours_out, base_out, ref_out));
+    EXPECT_TRUE(within("lse", c.dtype, ours_lse, base_lse, ref_lse));
+
+    // Rows the oracle calls empty: exactly O = 0 and LSE = -inf.
+    int64_t bad_empty = 0, empty_rows = 0;
+    for (int64_t r = 0; r < used_q; ++r)
+      for (int h = 0; h < c.heads; ++h) {
+        const int64_t li = varlen ? h * used_q + r : (r / c.sq * c.heads + h) * c.sq + r % c.sq;
+        if (ref_lse[li] != -kInf) continue;
+        ++empty_rows;
+        bool ok = ours_lse[li] == -kInf;
+        for (int d = 0; d < dv; ++d) ok = ok && ours_out[(r * c.heads + h) * dv + d] == 0.0;
+        bad_empty += !ok;
+      }
+    EXPECT_EQ(bad_empty, 0) << "of " << empty_rows << " fully masked rows are not exactly O = 0, LSE = -inf";
+  }
+
+ private:
+  Case c_;
+  std::vector<uint16_t> hq_, hk_, hv_;
+};
+
+// ---- the case list ----------------------------------------------------------------------------
+// Every seqlen of {1, 7, 63, 64, 65, 127, 128, 129, 1013} and every head dim of
+// {32, 40, 64, 80, 96, 128, 192, 256} appears, with sq != sk both ways, GQA 1/2/8, both dtypes,
+// each mask and score modifier, strided layouts, and varlen batches with empty sequences.
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  const int dims[] = {32, 40, 64, 80, 96, 128, 192, 256};
+  const int seqs[] = {1, 7, 63, 64, 65, 127, 128, 129, 1013};
+  const int n_seq = 9;
+  int k = 0;
+  for (int di = 0; di < 8; ++di) {
+    for (int rep = 0; rep < 3; ++rep, ++k) {
+      Case c;
+      c.d = dims[di];
+      c.sq = seqs[k % n_seq];
+      c.sk = seqs[(k * 4 + 3) % n_seq];  // differs from sq, larger and smaller in turn
+      if (c.sq == 1013 && c.sk == 1013) c.sk = 129;
+      c.dtype = k % 2 ? DType::f16 : DType::bf16;
+      const int ratio = (k % 3 == 0) ? 1 : (k % 3 == 1 ? 2 : 8);
+      c.heads = 8;
+      c.heads_k = 8 / ratio;
+      if (c.sq * c.sk > 200000) c.heads = ratio == 8 ? 8 : 2, c.heads_k = c.heads / std::min(ratio, c.heads);
+      c.batch = (c.sq * c.sk < 5000) ? 3 : 1;
+      switch (k % 6) {
+        case 0: break;
+        case 1: c.causal = true; break;
+        case 2: c.wl = 37; c.wr = 11; break;
+        case 3: c.causal = true; c.softcap = 15.0f; break;
+        case 4: c.alibi = true; break;
+        case 5: c.causal = true; c.alibi = true; c.wl = 70; break;
+      }
+      c.layout = k % 4 == 3 ? Layout::bhsd : Layout::dense;
+      std::ostringstream n;
+      n << "d" << c.d << "_sq" << c.sq << "_sk" << c.sk << "_b" << c.batch << "_h" << c.heads << "_" << c.heads_k
+        << (c.dtype == DType::bf16 ? "_bf16" : "_fp16") << (c.causal ? "_causal" : "")
+        << (c.wl >= 0 || c.wr >= 0 ? "_win" : "") << (c.softcap > 0 ? "_softcap" : "") << (c.alibi ? "_alibi" : "")
+        << (c.layout == Layout::bhsd ? "_bhsd" : "");
+      c.name = n.str();
+      v.push_back(c);
+    }
+  }
+  // Long sequences on both sides, the blocks the benchmark uses.
+  for (int d : {64, 128}) {
+    for (bool causal : {false, true}) {
+      Case c;
+      c.d = d;
+      c.sq = c.sk = 1013;
+      c.heads = 2;
+      c.heads_k = 2;
+      c.causal = causal;
+      c.name = "long_d" + std::to_string(d) + (causal ? "_causal" : "");
+      v.push_back(c);
+    }
+  }
+  {  // sq > sk with causal: the first sq - sk rows see nothing (empty rows)
+    Case c;
+    c.d = 64;
+    c.sq = 129;
+    c.sk = 63;
+    c.heads = 4;
+    c.heads_k = 2;
+    c.causal = true;
+    c.dtype = DType::f16;
+    c.name = "causal_sq_gt_sk_empty_rows";
+    v.push_back(c);
+  }
+  {  // a window that leaves some rows empty (left and right bounded, sq > sk)
+    Case c;
+    c.d = 128;
+    c.sq = 200;
+    c.sk = 65;
+    c.heads = 2;
+    c.heads_k = 1;
+    c.wl = 3;
+    c.wr = 0;
+    c.name = "window_empty_rows";
+    v.push_back(c);
+  }
+  {  // head_dim_v != head_dim
+    Case c;
+    c.d = 128;
+    c.dv = 64;
+    c.sq = 127;
+    c.sk = 129;
+    c.heads = 4;
+    c.heads_k = 4;
+    c.name = "dv64_d128";
+    v.push_back(c);
+  }
+  // Varlen with zero-length sequences (q, k or both), GQA, causal, strided.
+  {
+    Case c;
+    c.name = "varlen_bf16_causal_gqa";
+    c.lens_q = {65, 0, 1, 129, 7, 0, 300};
+    c.lens_k = {65, 10, 0, 129, 63, 0, 1013};
+    c.batch = int(c.lens_q.size());
+    c.heads = 8;
+    c.heads_k = 2;
+    c.d = 128;
+    c.causal = true;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "varlen_fp16_window_bhsd";
+    c.lens_q = {128, 1, 0, 64, 127};
+    c.lens_k = {64, 1013, 5, 0, 200};
+    c.batch = int(c.lens_q.size());
+    c.heads = 4;
+    c.heads_k = 4;
+    c.d = 64;
+    c.dtype = DType::f16;
+    c.wl = 20;
+    c.wr = 20;
+    c.layout = Layout::bhsd;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "varlen_bf16_softcap_alibi_d96";
+    c.lens_q = {33, 129, 0};
+    c.lens_k = {129, 33, 7};
+    c.batch = int(c.lens_q.size());
+    c.heads = 8;
+    c.heads_k = 1;
+    c.d = 96;
+    c.softcap = 20.0f;
+    c.alibi = true;
+    v.push_back(c);
+  }
+  return v;
+}
+
+class CudaForward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaForward, MatchesOracle) {
+  SKIP_WITHOUT_GPU();
+  ForwardRun(GetParam()).run();
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, CudaForward, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+// ---- errors -------------------------------------------------------------------------------------
+TEST(CudaErrors, HeadDimNotMultipleOf8) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer q(2, 2 * 4 * 36), o(2, 2 * 4 * 36), l(4, 4);
+  const Device dev = Device::cuda(0);
+  Tensor tq = Tensor::contiguous(q.data(), DType::bf16, {1, 2, 2, 36}, dev);
+  Tensor to = Tensor::contiguous(o.data(), DType::bf16, {1, 2, 2, 36}, dev);
+  Tensor tl = Tensor::contiguous(l.data(), DType::f32, {1, 2, 2}, dev);
+  try {
+    flashattn::forward(tq, tq, tq, to, tl);
+    FAIL() << "expected flashattn::Error";
+  } catch (const flashattn::Error& e) {
+    EXPECT_EQ(e.argument(), "q") << e.what();
+    EXPECT_NE(std::string(e.what()).find("multiple of 8"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaErrors, MisalignedRows) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer q(2, 4 * 64 + 8), o(2, 4 * 64), l(4, 4);
+  const Device dev = Device::cuda(0);
+  Tensor tq = Tensor::contiguous(static_cast<uint16_t*>(q.data()) + 1, DType::bf16, {1, 4, 1, 64}, dev);
+  Tensor tk = Tensor::contiguous(q.data(), DType::bf16, {1, 4, 1, 64}, dev);
+  Tensor to = Tensor::contiguous(o.data(), DType::bf16, {1, 4, 1, 64}, dev);
+  Tensor tl = Tensor::contiguous(l.data(), DType::f32, {1, 1, 4}, dev);
+  try {
+    flashattn::forward(tq, tk, tk, to, tl);
+    FAIL() << "expected flashattn::Error";
+  } catch (const flashattn::Error& e) {
+    EXPECT_EQ(e.argument(), "q") << e.what();
+  }
+}
+
+TEST(CudaErrors, BackwardIsUnsupportedWithAClearMessage) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer b(2, 4 * 64), l(4, 4);
+  const Device dev = Device::cuda(0);
+  Tensor t = Tensor::contiguous(b.data(), DType::bf16, {1, 4, 1, 64}, dev);
+  Tensor tl = Tensor::contiguous(l.data(), DType::f32, {1, 1, 4}, dev);
+  try {
+    flashattn::backward(t, t, t, t, t, tl, t, t, t);
+    FAIL() << "expected flashattn::Unsupported";
+  } catch (const flashattn::Unsupported& e) {
+    EXPECT_NE(std::string(e.what()).find("not implemented"), std::string::npos) << e.what();
+  }
+}
+
+// ---- merge ---------------------------------------------------------------------------------------
+TEST(CudaMerge, MatchesCpuMerge) {
+  SKIP_WITHOUT_GPU();
+  const int splits = 3, batch = 2, sq = 37, heads = 3, dv = 72;
+  std::mt19937_64 rng(seed_for("merge"));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> po(size_t(splits) * batch * sq * heads * dv), pl(size_t(splits) * batch * heads * sq);
+  for (auto& x : po) x = normal(rng);
+  for (size_t i = 0; i < pl.size(); ++i) pl[i] = i % 7 == 0 ? -INFINITY : 3.0f * normal(rng);
+  // One row empty in every split.
+  for (int c = 0; c < splits; ++c) pl[((size_t(c) * batch + 1) * heads + 2) * sq + 5] = -INFINITY;
+  DeviceBuffer gpo(4, int64_t(po.size())), gpl(4, int64_t(pl.size())), gout(2, int64_t(batch) * sq * heads * dv),
+      glse(4, int64_t(batch) * heads * sq);
+  CUDA_OK(cudaMemcpy(gpo.data(), po.data(), po.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(gpl.data(), pl.data(), pl.size() * 4, cudaMemcpyHostToDevice));
+  const Device dev = Device::cuda(0);
+  flashattn::merge(Tensor::contiguous(gpo.data(), DType::f32, {splits, batch, sq, heads, dv}, dev),
+                   Tensor::contiguous(gpl.data(), DType::f32, {splits, batch, heads, sq}, dev),
+                   Tensor::contiguous(gout.data(), DType::bf16, {batch, sq, heads, dv}, dev),
+                   Tensor::contiguous(glse.data(), DType::f32, {batch, heads, sq}, dev));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(size_t(batch) * sq * heads * dv), cpu_out(out.size());
+  std::vector<float> lse(size_t(batch) * heads * sq), cpu_lse(lse.size());
+  CUDA_OK(cudaMemcpy(out.data(), gout.data(), out.size() * 2, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(lse.data(), glse.data(), lse.size() * 4, cudaMemcpyDeviceToHost));
+  flashattn::merge(Tensor::contiguous(po.data(), DType::f32, {splits, batch, sq, heads, dv}),
+                   Tensor::contiguous(pl.data(), DType::f32, {splits, batch, heads, sq}),
+                   Tensor::contiguous(cpu_out.data(), DType::bf16, {batch, sq, heads, dv}),
+                   Tensor::contiguous(cpu_lse.data(), DType::f32, {batch, heads, sq}));
+  int64_t bad = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double a = flashattn::bf16_to_float(out[i]), b = flashattn::bf16_to_float(cpu_out[i]);
+    bad += !(std::abs(a - b) <= 1e-2 * std::max(1.0, std::abs(b)));  // one bf16 ulp apart at most
+  }
+  for (size_t i = 0; i < lse.size(); ++i)
+    bad += !(lse[i] == cpu_lse[i] || std::abs(lse[i] - cpu_lse[i]) <= 1e-5f * std::max(1.0f, std::abs(cpu_lse[i])));
+  EXPECT_EQ(bad, 0);
+}
+
+class SummaryPrinter : public ::testing::EmptyTestEventListener {
+  void OnTestProgramEnd(const ::testing::UnitTest&) override {
+    if (!gpu_present()) return;
+    std::printf("[summary] %d checks; max|ours-ref| out: bf16 %.3g (largest bound %.3g), fp16 %.3g "
+                "(largest bound %.3g); lse: bf16 %.3g, fp16 %.3g\n",
+                g_summary.checks, g_summary.out_err[0], g_summary.out_bound[0], g_summary.out_err[1],
+                g_summary.out_bound[1], g_summary.lse_err[0], g_summary.lse_err[1]);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::UnitTest::GetInstance()->listeners().Append(new SummaryPrinter);
+  return RUN_ALL_TESTS();
+}
