@@ -249,12 +249,15 @@ double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// "\r[flash fwd] iter 3/10" on stderr, on a terminal or once an iteration takes a while.
-void progress(const std::string& label, int done, int total, double last_ms) {
+// "\r[flash fwd] iter 3/10" on stderr when it is a terminal (a log would only collect the
+// carriage returns); wiped when the pass is done, so the table stays clean.
+void progress(const std::string& label, int done, int total) {
   static const bool tty = isatty(STDERR_FILENO);
-  if (!tty && last_ms < 1000.0) return;
-  std::fprintf(stderr, "\r[%s] iter %d/%d ", label.c_str(), done, total);
-  if (done == total) std::fprintf(stderr, "\r%*s\r", int(label.size()) + 24, "");
+  if (!tty) return;
+  if (done < total)
+    std::fprintf(stderr, "\r[%s] iter %d/%d ", label.c_str(), done + 1, total);
+  else
+    std::fprintf(stderr, "\r%*s\r", int(label.size()) + 24, "");
   std::fflush(stderr);
 }
 
@@ -262,12 +265,12 @@ Timing time_runs(const std::string& label, int warmup, int iters, const std::fun
   const int total = warmup + iters;
   std::vector<double> ms;
   for (int it = 0; it < total; ++it) {
+    progress(label, it, total);
     const double start = now_ms();
     fn();
-    const double elapsed = now_ms() - start;
-    if (it >= warmup) ms.push_back(elapsed);
-    progress(label, it + 1, total, elapsed);
+    if (it >= warmup) ms.push_back(now_ms() - start);
   }
+  progress(label, total, total);
   std::sort(ms.begin(), ms.end());
   const size_t n = ms.size();
   return Timing{n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]), ms.front()};
@@ -514,25 +517,6 @@ bool prepare_backward_inputs(const Impl& impl, const Impl& other, const Config& 
   return false;
 }
 
-// Standard attention refuses problems whose S/P would take more than half the machine.
-std::optional<std::string> standard_too_big(bool backward, const Tensors& t) {
-  const int64_t need = standard::workspace_bytes(t.q.tensor, t.k.tensor, t.v.tensor, backward);
-  const int64_t have = physical_memory_bytes();
-  if (need <= have / 2) return std::nullopt;
-  char text[200];
-  std::snprintf(text, sizeof text,
-                "standard attention would need %.1f GB > half of the machine's memory (%.1f GB); skipped",
-                need * 1e-9, have * 1e-9);
-  return std::string(text);
-}
-
-// Why a pass of an implementation cannot start, if it cannot.
-std::optional<std::string> skip_reason(const Impl& impl, bool backward, const Config& c, const Tensors& t) {
-  if (std::string(impl.name) == "standard") return standard_too_big(backward, t);
-  (void)c;
-  return std::nullopt;
-}
-
 // ---- output ------------------------------------------------------------------------------------
 
 std::string human_bytes(int64_t bytes) {
@@ -629,44 +613,84 @@ void report(const Result& r, const Config& c, const bench::FmaPeak& peak) {
 
 // ---- main --------------------------------------------------------------------------------------
 
+// A data-less (batch, rows, heads, head_dim) view: enough for the library's shape rules.
+Tensor shape_view(const Config& c, int64_t rows, int heads) {
+  alignas(64) static char dummy[64];
+  return Tensor::contiguous(dummy, c.dtype, {c.batch, rows, heads, c.head_dim}, c.device);
+}
+
 // Checks the problem (shapes and options) with the library's own rules before any memory is
 // allocated, so a bad request fails at once with the library's message.
 void validate_problem(const Config& c) {
-  alignas(64) static char dummy[64];
-  auto view = [&](int64_t rows, int heads) {
-    return Tensor::strided(dummy, c.dtype, {c.batch, rows, heads, c.head_dim}, {0, 0, 0, 1}, c.device);
-  };
-  core::check_inputs(view(c.seqlen_q, c.heads), view(c.seqlen_k, c.kv_heads), view(c.seqlen_k, c.kv_heads),
-                     options_of(c), nullptr);
+  core::check_inputs(shape_view(c, c.seqlen_q, c.heads), shape_view(c, c.seqlen_k, c.kv_heads),
+                     shape_view(c, c.seqlen_k, c.kv_heads), options_of(c), nullptr);
 }
 
-// One pass of one implementation: skipped, or timed and checked.
-Result pass_result(const Impl& impl, bool backward, const Config& c, const Tensors& t, Oracle* oracle) {
-  const char* pass = backward ? "bwd" : "fwd";
-  if (auto why = skip_reason(impl, backward, c, t)) return Result::skipped(impl.name, pass, *why);
-  return run_pass(impl, backward, c, t, oracle);
+// Standard attention refuses problems whose S/P would take more than half the machine.
+std::optional<std::string> standard_too_big(const Config& c, bool backward) {
+  const int64_t need = standard::workspace_bytes(shape_view(c, c.seqlen_q, c.heads), shape_view(c, c.seqlen_k, c.kv_heads),
+                                                 shape_view(c, c.seqlen_k, c.kv_heads), backward);
+  const int64_t half = physical_memory_bytes() / 2;
+  if (need <= half) return std::nullopt;
+  char text[200];
+  std::snprintf(text, sizeof text,
+                "standard attention would need %.1f GB > half of the machine's memory (%.1f GB); skipped",
+                need * 1e-9, half * 1e-9);
+  return std::string(text);
+}
+
+struct Pass {
+  const Impl* impl;
+  bool backward;
+  std::optional<std::string> skip;  // why it cannot start
+};
+
+// Every (impl, pass) the command line asks for, in the order they run: flash first, so its
+// peak-memory reading is not hidden under standard attention's larger peak.
+std::vector<Pass> plan(const Config& c, const Impl& flash, const Impl& standard) {
+  std::vector<Pass> passes;
+  for (const Impl* impl : {&flash, &standard}) {
+    if (!c.runs(impl->name)) continue;
+    for (bool backward : {false, true}) {
+      if (backward && !c.backward) continue;
+      const bool is_standard = impl == &standard;
+      passes.push_back(Pass{impl, backward, is_standard ? standard_too_big(c, backward) : std::nullopt});
+    }
+  }
+  return passes;
+}
+
+void report_skipped(const Pass& pass, const std::string& why, const Config& c, const bench::FmaPeak& peak) {
+  report(Result::skipped(pass.impl->name, pass.backward ? "bwd" : "fwd", why), c, peak);
 }
 
 void run_all(const Config& c) {
   validate_problem(c);
+  const Impl flash = flash_impl(), standard = standard_impl();
+  const std::vector<Pass> passes = plan(c, flash, standard);
+  const bool any_runs = std::any_of(passes.begin(), passes.end(), [](const Pass& p) { return !p.skip; });
+
   const bench::FmaPeak peak = on_cpu(c) ? bench::measure_fma_peak(c.threads_used) : bench::FmaPeak{};
-  Tensors tensors(c);
-  fill_inputs(tensors, c.threads_used);
+  std::optional<Tensors> tensors;
   std::optional<Oracle> oracle;
-  if (c.check) oracle.emplace(c, tensors);
-  Oracle* check = oracle ? &*oracle : nullptr;
+  if (any_runs) {
+    tensors.emplace(c);
+    fill_inputs(*tensors, c.threads_used);
+    if (c.check) oracle.emplace(c, *tensors);
+  }
   if (!c.json) print_header(c, peak, oracle ? oracle->slice() : Slice{});
 
-  const Impl flash = flash_impl(), standard = standard_impl();
-  for (const Impl* impl : {&flash, &standard}) {
-    if (!c.runs(impl->name)) continue;
-    report(pass_result(*impl, false, c, tensors, check), c, peak);
-    if (!c.backward) continue;
-    const Impl& other = impl == &flash ? standard : flash;
-    if (skip_reason(*impl, true, c, tensors) || prepare_backward_inputs(*impl, other, c, tensors))
-      report(pass_result(*impl, true, c, tensors, check), c, peak);
-    else
-      report(Result::skipped(impl->name, "bwd", "no forward implementation could provide out and lse"), c, peak);
+  for (const Pass& pass : passes) {
+    if (pass.skip) {
+      report_skipped(pass, *pass.skip, c, peak);
+      continue;
+    }
+    const Impl& other = pass.impl == &flash ? standard : flash;
+    if (pass.backward && !prepare_backward_inputs(*pass.impl, other, c, *tensors)) {
+      report_skipped(pass, "no forward implementation could provide out and lse", c, peak);
+      continue;
+    }
+    report(run_pass(*pass.impl, pass.backward, c, *tensors, oracle ? &*oracle : nullptr), c, peak);
   }
 }
 

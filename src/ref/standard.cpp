@@ -8,6 +8,11 @@
 // S/P and dP/dS are fp32 (batch, heads, seqlen_q, seqlen_k) buffers. For fp16/bf16 inputs every
 // materialised tensor (S, P, O, dP, dS, gradients) is rounded through the input dtype, as
 // eager PyTorch stores them: that makes this the same-precision baseline of DESIGN §5.
+//
+// Threads: the per-head products run as single-threaded sgemms spread over OpenMP threads when
+// the heads balance over the threads (as ATen's bmm does for many small matrices), else one
+// after the other on multi-threaded BLAS. Mixing the two pools costs: OpenBLAS's idle workers
+// spin for a while after every call and halve the speed of the OpenMP softmax that follows.
 #include "ref/standard.h"
 
 #include <cblas.h>
@@ -144,6 +149,34 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
               blasint(ldc));
 }
 
+// Runs independent per-head products on `threads` threads and restores OpenBLAS's own thread
+// count afterwards (options.num_threads = 0 leaves it as it was).
+class GemmThreads {
+ public:
+  explicit GemmThreads(int threads) : threads_(threads), saved_(openblas_get_num_threads()) {}
+  ~GemmThreads() { openblas_set_num_threads(saved_); }
+  GemmThreads(const GemmThreads&) = delete;
+  GemmThreads& operator=(const GemmThreads&) = delete;
+
+  // fn(task) for every task in [0, tasks): one task per OpenMP thread with single-threaded
+  // BLAS when the tasks balance over the threads, else in order with multi-threaded BLAS.
+  template <typename Fn>
+  void run(int64_t tasks, Fn fn) const {
+    const bool per_task = tasks >= 4 * threads_ || tasks % threads_ == 0;
+    openblas_set_num_threads(per_task ? 1 : threads_);
+    if (per_task) {
+#pragma omp parallel for num_threads(threads_) schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) fn(t);
+    } else {
+      for (int64_t t = 0; t < tasks; ++t) fn(t);
+    }
+  }
+
+ private:
+  int threads_;
+  int saved_;
+};
+
 // ---- row kernels (vectorised for the best ISA at load time) ---------------------------------
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -237,22 +270,20 @@ struct Problem {
 
 int threads_of(const AttnParams& p) { return p.num_threads > 0 ? p.num_threads : omp_get_max_threads(); }
 
-void set_blas_threads(const AttnParams& p) {
-  if (p.num_threads > 0) openblas_set_num_threads(p.num_threads);
-}
-
 void require_cpu(const AttnParams& p) {
   if (p.device.kind != DeviceKind::cpu)
     throw Error("q", "host memory (the standard attention runs on the CPU)", device_name(p.device));
 }
 
 // S = scale Q K^T for every (batch, head).
-void scores(const Problem& pr, const HeadMatrices& q, const HeadMatrices& k, float* s) {
+void scores(const Problem& pr, const GemmThreads& threads, const HeadMatrices& q, const HeadMatrices& k,
+            float* s) {
   const AttnParams& p = pr.p;
-  for (int b = 0; b < p.batch; ++b)
-    for (int h = 0; h < p.heads; ++h)
-      gemm(false, true, p.seqlen_q, p.seqlen_k, p.head_dim, p.scale, q.at(b, h), q.ld(),
-           k.at(b, pr.kv_head(h)), k.ld(), 0.0f, pr.score_row(s, b, h, 0), p.seqlen_k);
+  threads.run(int64_t(p.batch) * p.heads, [&](int64_t task) {
+    const int b = int(task / p.heads), h = int(task % p.heads);
+    gemm(false, true, p.seqlen_q, p.seqlen_k, p.head_dim, p.scale, q.at(b, h), q.ld(), k.at(b, pr.kv_head(h)),
+         k.ld(), 0.0f, pr.score_row(s, b, h, 0), p.seqlen_k);
+  });
 }
 
 }  // namespace
@@ -286,8 +317,8 @@ void forward(const Tensor& q_t, const Tensor& k_t, const Tensor& v_t, const Tens
              const Tensor& lse_t, const Options& options) {
   const AttnParams p = core::check_forward(q_t, k_t, v_t, out_t, lse_t, options, nullptr);
   require_cpu(p);
-  set_blas_threads(p);
   const int threads = threads_of(p);
+  const GemmThreads gemm_threads(threads);
   const Problem pr{p};
 
   HeadMatrices q(p.q, p.dtype, p.q_stride, p.batch, p.seqlen_q, p.heads, p.head_dim);
@@ -299,7 +330,7 @@ void forward(const Tensor& q_t, const Tensor& k_t, const Tensor& v_t, const Tens
   v.load(threads);
 
   FloatBuffer s = alloc_floats(pr.score_elems());
-  scores(pr, q, k, s.get());
+  scores(pr, gemm_threads, q, k, s.get());
 
   const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -312,10 +343,11 @@ void forward(const Tensor& q_t, const Tensor& k_t, const Tensor& v_t, const Tens
     p.lse[p.lse_offset(b, i, h)] = softmax_row(row, i, p.mask(b), p.score_mod(b, h), p.dtype);
   }
 
-  for (int b = 0; b < p.batch; ++b)
-    for (int h = 0; h < p.heads; ++h)
-      gemm(false, false, p.seqlen_q, p.head_dim_v, p.seqlen_k, 1.0f, pr.score_row(s.get(), b, h, 0),
-           p.seqlen_k, v.at(b, pr.kv_head(h)), v.ld(), 0.0f, out.at(b, h), out.ld());
+  gemm_threads.run(int64_t(p.batch) * p.heads, [&](int64_t task) {
+    const int b = int(task / p.heads), h = int(task % p.heads);
+    gemm(false, false, p.seqlen_q, p.head_dim_v, p.seqlen_k, 1.0f, pr.score_row(s.get(), b, h, 0), p.seqlen_k,
+         v.at(b, pr.kv_head(h)), v.ld(), 0.0f, out.at(b, h), out.ld());
+  });
   out.store(threads);
 }
 
@@ -325,8 +357,8 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
   const BwdParams p =
       core::check_backward(dout_t, q_t, k_t, v_t, out_t, lse_t, dq_t, dk_t, dv_t, options, nullptr);
   require_cpu(p);
-  set_blas_threads(p);
   const int threads = threads_of(p);
+  const GemmThreads gemm_threads(threads);
   const Problem pr{p};
 
   HeadMatrices q(p.q, p.dtype, p.q_stride, p.batch, p.seqlen_q, p.heads, p.head_dim);
@@ -343,12 +375,13 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
 
   // dP = dO V^T, then S = scale Q K^T, both materialised for every head.
   FloatBuffer ds = alloc_floats(pr.score_elems());
-  for (int b = 0; b < p.batch; ++b)
-    for (int h = 0; h < p.heads; ++h)
-      gemm(false, true, p.seqlen_q, p.seqlen_k, p.head_dim_v, 1.0f, dout.at(b, h), dout.ld(),
-           v.at(b, pr.kv_head(h)), v.ld(), 0.0f, pr.score_row(ds.get(), b, h, 0), p.seqlen_k);
+  gemm_threads.run(int64_t(p.batch) * p.heads, [&](int64_t task) {
+    const int b = int(task / p.heads), h = int(task % p.heads);
+    gemm(false, true, p.seqlen_q, p.seqlen_k, p.head_dim_v, 1.0f, dout.at(b, h), dout.ld(), v.at(b, pr.kv_head(h)),
+         v.ld(), 0.0f, pr.score_row(ds.get(), b, h, 0), p.seqlen_k);
+  });
   FloatBuffer s = alloc_floats(pr.score_elems());
-  scores(pr, q, k, s.get());
+  scores(pr, gemm_threads, q, k, s.get());
 
   // Per row: P recomputed in place of S, dS = P (dP - D) in place of dP, D = rowsum(dO O).
   const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
@@ -383,19 +416,23 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
     }
   }
 
-  // dV = sum over the group of P^T dO, dK = scale sum of dS^T Q, dQ = scale dS K.
+  // dV = sum over the group of P^T dO, dK = scale sum of dS^T Q, dQ = scale dS K. One task per
+  // kv head, so the group's sums into dK/dV stay in one thread.
   const int group = p.group_size();
-  for (int b = 0; b < p.batch; ++b)
-    for (int h = 0; h < p.heads; ++h) {
-      const int hk = pr.kv_head(h);
-      const float beta = h % group == 0 ? 0.0f : 1.0f;  // first query head of the group overwrites
-      gemm(true, false, p.seqlen_k, p.head_dim_v, p.seqlen_q, 1.0f, pr.score_row(s.get(), b, h, 0),
-           p.seqlen_k, dout.at(b, h), dout.ld(), beta, dv.at(b, hk), dv.ld());
-      gemm(true, false, p.seqlen_k, p.head_dim, p.seqlen_q, p.scale, pr.score_row(ds.get(), b, h, 0),
-           p.seqlen_k, q.at(b, h), q.ld(), beta, dk.at(b, hk), dk.ld());
-      gemm(false, false, p.seqlen_q, p.head_dim, p.seqlen_k, p.scale, pr.score_row(ds.get(), b, h, 0),
-           p.seqlen_k, k.at(b, hk), k.ld(), 0.0f, dq.at(b, h), dq.ld());
+  gemm_threads.run(int64_t(p.batch) * p.heads_k, [&](int64_t task) {
+    const int b = int(task / p.heads_k), hk = int(task % p.heads_k);
+    for (int h = hk * group; h < (hk + 1) * group; ++h) {
+      const float beta = h == hk * group ? 0.0f : 1.0f;  // the group's first head overwrites
+      const float* p_bh = pr.score_row(s.get(), b, h, 0);
+      const float* ds_bh = pr.score_row(ds.get(), b, h, 0);
+      gemm(true, false, p.seqlen_k, p.head_dim_v, p.seqlen_q, 1.0f, p_bh, p.seqlen_k, dout.at(b, h), dout.ld(),
+           beta, dv.at(b, hk), dv.ld());
+      gemm(true, false, p.seqlen_k, p.head_dim, p.seqlen_q, p.scale, ds_bh, p.seqlen_k, q.at(b, h), q.ld(), beta,
+           dk.at(b, hk), dk.ld());
+      gemm(false, false, p.seqlen_q, p.head_dim, p.seqlen_k, p.scale, ds_bh, p.seqlen_k, k.at(b, hk), k.ld(), 0.0f,
+           dq.at(b, h), dq.ld());
     }
+  });
   dq.store(threads);
   dk.store(threads);
   dv.store(threads);
