@@ -78,29 +78,11 @@ Buffer::Buffer(DType dtype, int64_t numel) : dtype_(dtype), numel_(numel) {
 
 void Buffer::poison() {
   uint8_t* p = raw_.data() + offset_;
-  for (int64_t i = 0; i < numel_; ++i) {
-    switch (dtype_) {
-      case DType::f32: {
-        const float nan = std::numeric_limits<float>::quiet_NaN();
-        std::memcpy(p + 4 * i, &nan, 4);
-        break;
-      }
-      case DType::f16: {
-        const uint16_t nan = 0x7e00;
-        std::memcpy(p + 2 * i, &nan, 2);
-        break;
-      }
-      case DType::bf16: {
-        const uint16_t nan = 0x7fc0;
-        std::memcpy(p + 2 * i, &nan, 2);
-        break;
-      }
-      case DType::i32: {
-        const uint32_t bad = 0x7fc00000u;
-        std::memcpy(p + 4 * i, &bad, 4);
-        break;
-      }
-    }
+  switch (dtype_) {
+    case DType::f32: std::fill_n(reinterpret_cast<float*>(p), numel_, std::numeric_limits<float>::quiet_NaN()); break;
+    case DType::f16: std::fill_n(reinterpret_cast<uint16_t*>(p), numel_, uint16_t(0x7e00)); break;
+    case DType::bf16: std::fill_n(reinterpret_cast<uint16_t*>(p), numel_, uint16_t(0x7fc0)); break;
+    case DType::i32: std::fill_n(reinterpret_cast<uint32_t*>(p), numel_, 0x7fc00000u); break;
   }
 }
 
@@ -497,8 +479,8 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
   fill_normal(k, rng, 1.0, c.quantum);
   fill_normal(v, rng, 1.0, c.quantum);
 
-  // Outputs: the same layout as the inputs (packed: dq/dk/dv are slices of one dqkv buffer).
-  make_views(packed ? &dqkv_buf_ : nullptr, dq_buf_, dk_buf_, dv_buf_, dq, dk, dv);
+  // Outputs: the same layout as the inputs (packed: dq/dk/dv are slices of one dqkv buffer,
+  // allocated by the first backward()).
   const Layout out_layout = packed ? Layout::dense : c.layout;
   const Geometry go = geometry(out_layout, c.batch, c.sq, c.heads, dvv);
   out_buf_ = Buffer(c.dtype, go.numel);
@@ -533,6 +515,7 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
 
 ::testing::AssertionResult Problem::backward() {
   const bool packed = c.layout == Layout::packed;
+  if (!dq.defined()) make_views(packed ? &dqkv_buf_ : nullptr, dq_buf_, dk_buf_, dv_buf_, dq, dk, dv);
   std::vector<Buffer*> bufs = packed ? std::vector<Buffer*>{&dqkv_buf_} : std::vector<Buffer*>{&dq_buf_, &dk_buf_, &dv_buf_};
   std::vector<std::vector<uint8_t>> before;
   for (Buffer* b : bufs) {
@@ -592,7 +575,7 @@ VarlenProblem::VarlenProblem(const Config& cfg, uint64_t seed) : c(cfg) {
   const int64_t tq = used_q() + c.extra_rows, tk = used_k() + c.extra_rows;
   const int dvv = c.head_dim_v();
   // (rows, heads, dim) views: dense, padded, or slices of one packed (rows, h + 2 hk, d) buffer.
-  auto make3 = [&](Buffer* pk, Buffer& qb, Buffer& kb, Buffer& vb, Tensor& tq_, Tensor& tk_, Tensor& tv_) {
+  auto make3 = [=, this](Buffer* pk, Buffer& qb, Buffer& kb, Buffer& vb, Tensor& tq_, Tensor& tk_, Tensor& tv_) {
     if (pk) {
       const int64_t H = c.heads + 2 * c.heads_k;
       *pk = Buffer(c.dtype, tq * H * c.d);
@@ -619,7 +602,9 @@ VarlenProblem::VarlenProblem(const Config& cfg, uint64_t seed) : c(cfg) {
   fill_normal(q, rng, 1.0, c.quantum);
   fill_normal(k, rng, 1.0, c.quantum);
   fill_normal(v, rng, 1.0, c.quantum);
-  make3(packed ? &dqkv_buf_ : nullptr, dq_buf_, dk_buf_, dv_buf_, dq, dk, dv);
+  make_grads_ = [this, make3, packed] {
+    make3(packed ? &dqkv_buf_ : nullptr, dq_buf_, dk_buf_, dv_buf_, dq, dk, dv);
+  };
   const int64_t os = c.layout == Layout::padded ? c.heads * (dvv + 3) + 5 : int64_t(c.heads) * dvv;
   const int64_t hs = c.layout == Layout::padded ? dvv + 3 : dvv;
   out_buf_ = Buffer(c.dtype, std::max<int64_t>(tq * os, 1));
@@ -662,6 +647,7 @@ VarlenProblem::VarlenProblem(const Config& cfg, uint64_t seed) : c(cfg) {
 
 ::testing::AssertionResult VarlenProblem::backward() {
   const bool packed = c.layout == Layout::packed;
+  if (!dq.defined()) make_grads_();
   std::vector<Buffer*> bufs = packed ? std::vector<Buffer*>{&dqkv_buf_} : std::vector<Buffer*>{&dq_buf_, &dk_buf_, &dv_buf_};
   std::vector<std::vector<uint8_t>> before;
   for (Buffer* b : bufs) {

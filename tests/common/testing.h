@@ -204,7 +204,7 @@ class Problem {
 
   // Poison outputs, run ours, verify guards and gaps. Return an AssertionResult for EXPECT_TRUE.
   ::testing::AssertionResult forward();
-  ::testing::AssertionResult backward();  // needs forward() first (uses its out and lse)
+  ::testing::AssertionResult backward();  // needs forward() first (uses its out and lse); dq/dk/dv exist from here on
 
   ref::ForwardResult oracle_forward() const;
   ref::BackwardResult oracle_backward() const;
@@ -263,6 +263,7 @@ class VarlenProblem {
   Buffer qkv_buf_, q_buf_, k_buf_, v_buf_, dout_buf_, alibi_buf_, cuq_buf_, cuk_buf_;
   Buffer out_buf_, lse_buf_, dqkv_buf_, dq_buf_, dk_buf_, dv_buf_;
   bool with_grads_ = false;
+  std::function<void()> make_grads_;  // the gradient buffers, allocated by the first backward()
 };
 
 // Central differences of L = sum(O * G), O from `forward` (the oracle), G the dense dout values,
