@@ -90,6 +90,12 @@ struct Geometry {
   int64_t sq_pad = 0;         // longest query sequence, rounded to kBwdBlockM
   int64_t chunk_len = 0;      // keys per chunk, a multiple of kBwdBlockN
   int chunks = 1;             // key chunks per (batch, kv head)
+  // Per query row, computed once before the items: LSE * log2(e) (+inf for rows that saw no
+  // key, so that exp2(S - lse2) = 0, not NaN) and D = rowsum(dO * O).
+  // [head][row_stride], row = q_row_base(b) + i; padded so that whole vectors can be read.
+  const float* lse2 = nullptr;
+  const float* delta = nullptr;
+  int64_t row_stride = 0;
 };
 
 // Per-thread scratch, sized once for the largest item of the call.
@@ -99,7 +105,6 @@ struct Workspace {
   Buffer<float> q, dout;       // one head's rows: [sq_pad][d_pad / dv_pad]
   Buffer<float> q_t, dout_t;   // transposed per query block: [block][d / dv][kBwdBlockM]
   Buffer<float> dq;            // one head's dQ, fp32: [sq_pad][d_pad] (single-chunk calls)
-  Buffer<float> lse2, delta;   // LSE * log2(e) (+inf for empty rows) and D: [sq_pad]
   Buffer<int32_t> key_begin, key_end;  // visible key range per query row: [sq_pad]
   Buffer<float> s, dp;         // S^T -> P^T and dP^T -> dS^T: [kBwdBlockN][kBwdBlockM]
 
@@ -113,8 +118,6 @@ struct Workspace {
     q_t.resize(g.sq_pad * g.d);
     dout_t.resize(g.sq_pad * g.dv);
     if (g.chunks == 1) dq.resize(g.sq_pad * g.d_pad);
-    lse2.resize(g.sq_pad);
-    delta.resize(g.sq_pad);
     key_begin.resize(g.sq_pad);
     key_end.resize(g.sq_pad);
     s.resize(int64_t(kBwdBlockN) * kBwdBlockM);
@@ -128,18 +131,59 @@ void load_row(const void* base, int64_t offset, DType t, int n, int ld, float* d
   std::fill(dst + n, dst + ld, 0.0f);
 }
 
-// Packs everything of query head h that the block products read. Rows past the sequence, up
-// to the end of the last query block, see no key and contribute exact zeros.
+// Software prefetch of one strided tensor row a few rows ahead: rows of a (batch, row, head,
+// dim) tensor lie heads * dim elements apart, often a page or more, where the hardware
+// prefetchers give up and the packing loops would wait on every row.
+void prefetch_row(const void* base, int64_t offset, DType t, int n) {
+  const char* p = static_cast<const char*>(base) + dtype_size(t) * offset;
+  for (int64_t byte = 0; byte < int64_t(n) * int64_t(dtype_size(t)); byte += 64) __builtin_prefetch(p + byte);
+}
+constexpr int kPrefetchRows = 4;
+
+// Row index of (sequence b, row 0) in the dense [total_q] row numbering.
+int64_t q_row_base(const BwdParams& p, int b) { return p.cu_seqlens_q ? p.q_begin(b) : int64_t(b) * p.seqlen_q; }
+
+// lse2 and D of every (head, query row), one pass over O and dO before the items.
+void row_stats(const BwdParams& p, int threads, int64_t row_stride, float* lse2, float* delta) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int h = 0; h < p.heads; ++h) {
+    // Rows of no sequence (and the vector padding) read as "sees nothing".
+    std::fill(lse2 + h * row_stride, lse2 + (h + 1) * row_stride, kInf);
+    std::fill(delta + h * row_stride, delta + (h + 1) * row_stride, 0.0f);
+    float o_row[256], do_row[256];
+    for (int b = 0; b < p.batch; ++b) {
+      const int64_t len_q = p.len_q(b);
+      float* l2 = lse2 + h * row_stride + q_row_base(p, b);
+      float* dl = delta + h * row_stride + q_row_base(p, b);
+      for (int64_t i = 0; i < len_q; ++i) {
+        if (i + kPrefetchRows < len_q) {
+          prefetch_row(p.out, p.out_offset(b, i + kPrefetchRows, h), p.dtype, p.head_dim_v);
+          prefetch_row(p.dout, p.dout_offset(b, i + kPrefetchRows, h), p.dtype, p.head_dim_v);
+        }
+        to_float(static_cast<const char*>(p.out) + dtype_size(p.dtype) * p.out_offset(b, i, h), p.dtype,
+                 p.head_dim_v, o_row);
+        to_float(static_cast<const char*>(p.dout) + dtype_size(p.dtype) * p.dout_offset(b, i, h), p.dtype,
+                 p.head_dim_v, do_row);
+        float dot = 0.0f;
+        for (int d = 0; d < p.head_dim_v; ++d) dot += do_row[d] * o_row[d];
+        dl[i] = dot;
+        const float lse = p.lse[p.lse_offset(b, i, h)];
+        l2[i] = lse == kNegInf ? kInf : lse * kLog2e;
+      }
+    }
+  }
+}
+
+// Packs Q and dO of query head h, row-major and transposed per query block. Rows past the
+// sequence, up to the end of the last query block, are zeros.
 void prepare_head(const BwdParams& p, const Geometry& g, int b, int h, Workspace& ws) {
   const int64_t len_q = p.len_q(b);
   const int64_t rows_end = round_up(len_q, kBwdBlockM);
-  const Mask mask = p.mask(b);
   const ScoreMod mod = p.score_mod(b, h);
   const bool has_mod = mod.softcap > 0 || mod.alibi_slope != 0;
   // Scores come out in the log2 domain directly when no score modifier needs them at the
   // natural scale first (forward.cpp's convention, so P is recomputed the way it was made).
   const float q_scale = has_mod ? p.scale : p.scale * kLog2e;
-  float o_row[256];
   for (int64_t i = 0; i < rows_end; ++i) {
     float* q_row = &ws.q[i * g.d_pad];
     float* do_row = &ws.dout[i * g.dv_pad];
@@ -150,27 +194,16 @@ void prepare_head(const BwdParams& p, const Geometry& g, int b, int h, Workspace
       std::fill(do_row, do_row + g.dv_pad, 0.0f);
       for (int d = 0; d < g.d; ++d) q_t[d * kBwdBlockM] = 0.0f;
       for (int d = 0; d < g.dv; ++d) do_t[d * kBwdBlockM] = 0.0f;
-      ws.lse2[i] = kInf;
-      ws.delta[i] = 0.0f;
-      ws.key_begin[i] = 0;
-      ws.key_end[i] = 0;
       continue;
+    }
+    if (i + kPrefetchRows < len_q) {
+      prefetch_row(p.q, p.q_offset(b, i + kPrefetchRows, h), p.dtype, g.d);
+      prefetch_row(p.dout, p.dout_offset(b, i + kPrefetchRows, h), p.dtype, g.dv);
     }
     load_row(p.q, p.q_offset(b, i, h), p.dtype, g.d, g.d_pad, q_row);
     load_row(p.dout, p.dout_offset(b, i, h), p.dtype, g.dv, g.dv_pad, do_row);
-    to_float(static_cast<const char*>(p.out) + dtype_size(p.dtype) * p.out_offset(b, i, h), p.dtype, g.dv, o_row);
     for (int d = 0; d < g.d; ++d) q_t[d * kBwdBlockM] = q_row[d] * q_scale;
-    float dot = 0.0f;
-    for (int d = 0; d < g.dv; ++d) {
-      do_t[d * kBwdBlockM] = do_row[d];
-      dot += do_row[d] * o_row[d];
-    }
-    ws.delta[i] = dot;
-    // A row that saw no key has LSE = -inf; +inf here makes exp2(S - lse2) = 0, not NaN.
-    const float lse = p.lse[p.lse_offset(b, i, h)];
-    ws.lse2[i] = lse == kNegInf ? kInf : lse * kLog2e;
-    ws.key_begin[i] = int32_t(mask.key_begin(i));
-    ws.key_end[i] = int32_t(mask.key_end(i));
+    for (int d = 0; d < g.dv; ++d) do_t[d * kBwdBlockM] = do_row[d];
   }
 }
 
@@ -179,9 +212,7 @@ void prepare_head(const BwdParams& p, const Geometry& g, int b, int h, Workspace
 // block is not fully visible to all its rows.
 template <bool kMod, bool kMask>
 void scores_to_grads(const BwdParams& p, const ScoreMod& mod, const Mask& mask, int64_t c0, int cols,
-                     int64_t i0, int rows_pad, Workspace& ws) {
-  const float* lse2 = &ws.lse2[i0];
-  const float* delta = &ws.delta[i0];
+                     int64_t i0, int rows_pad, const float* lse2, const float* delta, Workspace& ws) {
   const vfloat scale = splat(p.scale);
   vint lane_index;
   for (int l = 0; l < kLanes; ++l) lane_index[l] = l;
@@ -220,31 +251,35 @@ void scores_to_grads(const BwdParams& p, const ScoreMod& mod, const Mask& mask, 
 }
 
 // One (key block, query block) pair of query head h: the five block products.
+// Rows [i0, i0 + rows) lie in one query block of the packed grid and i0 is a multiple of
+// kLanes, so the transposed operands are column slices of that block's packing. Lanes past
+// `rows` are computed but never enter a product (every product stops at `rows`).
 void block_pair(const BwdParams& p, const Geometry& g, const Mask& mask, const ScoreMod& mod, int64_t k_lo,
-                int64_t c0, int cols, int64_t i0, int rows, float* dq_acc, Workspace& ws) {
+                int64_t c0, int cols, int64_t i0, int rows, const float* lse2, const float* delta, float* dq_acc,
+                Workspace& ws) {
   const int rows_pad = int(round_up(rows, kLanes));
   const int64_t ib = i0 / kBwdBlockM;
+  const int64_t col = i0 - ib * kBwdBlockM;  // first column within the block's packing
   float* k_j = &ws.k[(c0 - k_lo) * g.d_pad];
   float* v_j = &ws.v[(c0 - k_lo) * g.dv_pad];
   // S^T = K_j Q_i^T and dP^T = V_j dO_i^T
-  gemm(cols, rows_pad, g.d, StridedA{k_j, g.d_pad, 1}, &ws.q_t[ib * g.d * kBwdBlockM], kBwdBlockM, ws.s.data(),
+  gemm(cols, rows_pad, g.d, StridedA{k_j, g.d_pad, 1}, &ws.q_t[ib * g.d * kBwdBlockM + col], kBwdBlockM, ws.s.data(),
        rows_pad, false);
-  gemm(cols, rows_pad, g.dv, StridedA{v_j, g.dv_pad, 1}, &ws.dout_t[ib * g.dv * kBwdBlockM], kBwdBlockM,
+  gemm(cols, rows_pad, g.dv, StridedA{v_j, g.dv_pad, 1}, &ws.dout_t[ib * g.dv * kBwdBlockM + col], kBwdBlockM,
        ws.dp.data(), rows_pad, false);
 
   const bool has_mod = mod.softcap > 0 || mod.alibi_slope != 0;
   const bool need_mask = !mask.block_fully_visible(i0, i0 + rows, c0, c0 + cols);
-  // Padding lanes (rows_pad > rows) need no mask: their lse2 is +inf, so P = 0 there.
   if (has_mod) {
     if (need_mask)
-      scores_to_grads<true, true>(p, mod, mask, c0, cols, i0, rows_pad, ws);
+      scores_to_grads<true, true>(p, mod, mask, c0, cols, i0, rows_pad, lse2 + i0, delta + i0, ws);
     else
-      scores_to_grads<true, false>(p, mod, mask, c0, cols, i0, rows_pad, ws);
+      scores_to_grads<true, false>(p, mod, mask, c0, cols, i0, rows_pad, lse2 + i0, delta + i0, ws);
   } else {
     if (need_mask)
-      scores_to_grads<false, true>(p, mod, mask, c0, cols, i0, rows_pad, ws);
+      scores_to_grads<false, true>(p, mod, mask, c0, cols, i0, rows_pad, lse2 + i0, delta + i0, ws);
     else
-      scores_to_grads<false, false>(p, mod, mask, c0, cols, i0, rows_pad, ws);
+      scores_to_grads<false, false>(p, mod, mask, c0, cols, i0, rows_pad, lse2 + i0, delta + i0, ws);
   }
 
   // dV_j += P^T dO_i, dK_j += dS^T Q_i (P^T and dS^T are row-major [key][query])
@@ -270,9 +305,6 @@ int64_t first_true(int64_t lo, int64_t hi, Pred pred) {
   return lo;
 }
 
-// Row index of (sequence b, row 0) in the dense [total_q] numbering of the partial-dQ buffer.
-int64_t q_row_base(const BwdParams& p, int b) { return p.cu_seqlens_q ? p.q_begin(b) : int64_t(b) * p.seqlen_q; }
-
 // The item (b, hk, chunk): dK/dV of keys [chunk * chunk_len, ...) of kv head hk, and the dQ
 // contribution of those keys to the group's query heads (final dQ when chunks == 1, else
 // this chunk's partial).
@@ -292,6 +324,10 @@ void process_item(const BwdParams& p, const Geometry& g, int b, int hk, int chun
   }
   std::fill(ws.dk.data(), ws.dk.data() + nk * g.d_pad, 0.0f);
   std::fill(ws.dv.data(), ws.dv.data() + nk * g.dv_pad, 0.0f);
+  for (int64_t i = 0; i < round_up(len_q, kBwdBlockM); ++i) {  // padding rows see nothing
+    ws.key_begin[i] = int32_t(i < len_q ? mask.key_begin(i) : 0);
+    ws.key_end[i] = int32_t(i < len_q ? mask.key_end(i) : 0);
+  }
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     // dQ of this head: the thread's buffer, or this chunk's slice of the partials.
@@ -301,15 +337,20 @@ void process_item(const BwdParams& p, const Geometry& g, int b, int hk, int chun
     if (nk > 0 && len_q > 0) {
       prepare_head(p, g, b, h, ws);
       const ScoreMod mod = p.score_mod(b, h);
+      const float* lse2 = g.lse2 + h * g.row_stride + q_row_base(p, b);
+      const float* delta = g.delta + h * g.row_stride + q_row_base(p, b);
       for (int64_t c0 = k_lo; c0 < k_hi; c0 += kBwdBlockN) {
         const int cols = int(std::min<int64_t>(kBwdBlockN, k_hi - c0));
         // Queries that see a key of [c0, c0 + cols): both range bounds are monotone in the row.
         const int64_t i_lo = first_true(0, len_q, [&](int64_t i) { return mask.key_end(i) > c0; });
         const int64_t i_hi = first_true(i_lo, len_q, [&](int64_t i) { return mask.key_begin(i) >= c0 + cols; });
         if (i_lo >= i_hi) continue;
+        // Query blocks on the packed grid, trimmed to the visible rows (at vector granularity
+        // at the start) so causal/window edges do not pay for whole invisible blocks.
         for (int64_t i0 = i_lo / kBwdBlockM * kBwdBlockM; i0 < i_hi; i0 += kBwdBlockM) {
-          const int rows = int(std::min<int64_t>(kBwdBlockM, len_q - i0));
-          block_pair(p, g, mask, mod, k_lo, c0, cols, i0, rows, dq_acc, ws);
+          const int64_t r0 = std::max(i0, i_lo / kLanes * kLanes);
+          const int64_t r1 = std::min(i0 + kBwdBlockM, i_hi);
+          block_pair(p, g, mask, mod, k_lo, c0, cols, r0, int(r1 - r0), lse2, delta, dq_acc, ws);
         }
       }
     }
@@ -354,6 +395,14 @@ void backward(const BwdParams& p) {
   g.chunk_len = round_up((p.seqlen_k + g.chunks - 1) / g.chunks, kBwdBlockN);
   if (g.chunk_len > 0) g.chunks = int(std::max<int64_t>(1, (p.seqlen_k + g.chunk_len - 1) / g.chunk_len));
   else g.chunks = 1;
+
+  Buffer<float> lse2, delta;
+  g.row_stride = p.total_q + kBwdBlockM;
+  lse2.resize(p.heads * g.row_stride);
+  delta.resize(p.heads * g.row_stride);
+  row_stats(p, threads, g.row_stride, lse2.data(), delta.data());
+  g.lse2 = lse2.data();
+  g.delta = delta.data();
 
   // Partial dQ, [chunk][head][total_q][d_pad] fp32, only when the keys are split.
   Buffer<float> dq_partial;
