@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -248,6 +249,7 @@ struct Case {
   int wl = -1, wr = -1;
   float softcap = 0;
   bool alibi = false;
+  std::optional<float> scale;
   Layout layout = Layout::dense;
   std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
 
@@ -341,6 +343,7 @@ class ForwardRun {
     opt.window_left = c.wl;
     opt.window_right = c.wr;
     opt.softcap = c.softcap;
+    opt.softmax_scale = c.scale;
     const Device dev = Device::cuda(0);
     const Tensor tq = make_tensor(gq.data(), c.dtype, pq, dev);
     const Tensor tk = make_tensor(gk.data(), c.dtype, pk, dev);
@@ -561,6 +564,18 @@ std::vector<Case> cases() {
     c.wl = 3;
     c.wr = 0;
     c.name = "window_empty_rows";
+    v.push_back(c);
+  }
+  for (float scale : {-0.2f, 0.5f}) {  // an explicit scale; a negative one flips which score is the max
+    Case c;
+    c.d = 64;
+    c.sq = 65;
+    c.sk = 129;
+    c.heads = 2;
+    c.heads_k = 1;
+    c.causal = scale > 0;
+    c.scale = scale;
+    c.name = scale < 0 ? "negative_scale" : "scale_0_5_causal";
     v.push_back(c);
   }
   {  // head_dim_v != head_dim

@@ -115,7 +115,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 }  // namespace detail
 
-template <typename Tr>
+// kScoreMod: softcap and/or ALiBi present. A separate instantiation keeps their code (tanh,
+// per-element distances) out of the plain kernel's loop and register allocation.
+template <typename Tr, bool kScoreMod>
 __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_constant__ AttnParams p,
                                                                   const FwdArgs args) {
   using T = typename Tr::Element;
@@ -198,12 +200,18 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   const int len_k_int = int(len_k);
   const int wl = p.window_left < 0 ? -1 : int(p.window_left < len_q + len_k ? p.window_left : len_q + len_k);
   const int wr = p.window_right < 0 ? -1 : int(p.window_right < len_q + len_k ? p.window_right : len_q + len_k);
-  const float softcap = p.softcap;
-  const float alibi_slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-  const bool has_score_mod = softcap > 0 || alibi_slope != 0;
+  const float softcap = kScoreMod ? p.softcap : 0.0f;
+  const float inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
+  const float alibi_slope = kScoreMod && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+  constexpr bool has_score_mod = kScoreMod;
+  // Without a score modifier (and with a positive scale, so the max of the raw scores is the max
+  // of the scaled ones) the scale folds into the exponent: P = exp2(s * scale_log2 - max) is one
+  // FFMA per score, and S is never rescaled on its own.
+  const bool fold_scale = !has_score_mod && args.scale_log2 > 0;
+  const float exp_scale = fold_scale ? args.scale_log2 : 1.0f;
 
   float acc_o[kMTiles][kDTiles][4];
-  float row_max[kMTiles][2], row_sum[kMTiles][2];  // log2 domain; row_sum is this thread's partial
+  float row_max[kMTiles][2], row_sum[kMTiles][2];  // scaled log2 domain; row_sum is this thread's partial
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -260,15 +268,16 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
       }
     }
 
-    // Scores to the log2 domain, with softcap / ALiBi applied on the natural scale first.
-    if (!has_score_mod) {
+    // Scores to the log2 domain (unless folded into the exponent), with softcap / ALiBi applied on
+    // the natural scale first.
+    if (!fold_scale && !has_score_mod) {  // negative scale
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][nt][e] *= args.scale_log2;
-    } else {
+    } else if constexpr (has_score_mod) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -276,7 +285,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float x = s[mt][nt][e] * p.scale;
-            if (softcap > 0) x = softcap * tanhf(x / softcap);
+            if (softcap > 0) x = softcap * tanhf(x * inv_softcap);
             if (alibi_slope != 0) {
               const int dist = diag0 + mt * 16 + (e / 2) * 8 - (int(n0) + nt * 8 + 2 * t + (e & 1));
               x -= alibi_slope * float(dist < 0 ? -dist : dist);
@@ -310,10 +319,10 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float mx = row_max[mt][hh];
+        float mx = kNegInf;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hh], s[mt][nt][2 * hh + 1]));
-        mx = detail::quad_max(mx);
+        mx = fmaxf(row_max[mt][hh], detail::quad_max(mx) * exp_scale);  // -inf * exp_scale = -inf
         // A row with no visible key so far keeps max = -inf: subtract 0 instead, so that
         // exp2(-inf - max) is 0 and not NaN.
         const float m_use = mx == kNegInf ? 0.0f : mx;
@@ -324,7 +333,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
-            s[mt][nt][e] = ptx::exp2_approx(s[mt][nt][e] - m_use);
+            s[mt][nt][e] = ptx::exp2_approx(fmaf(s[mt][nt][e], exp_scale, -m_use));
             sum += s[mt][nt][e];
           }
         row_sum[mt][hh] = row_sum[mt][hh] * alpha + sum;

@@ -20,29 +20,16 @@ constexpr const char* element_name() {
   return std::is_same_v<T, __half> ? "fp16" : "bf16";
 }
 
-template <int kHeadDim, typename T>
-void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
-  using Tr = FwdTraits<kHeadDim, T>;
+template <typename Tr, bool kScoreMod>
+void launch_fwd(const AttnParams& p, const FwdArgs& args, int64_t blocks, int device, cudaStream_t stream) {
   static const std::string name = [] {
-    char buf[128];
-    std::snprintf(buf, sizeof buf, "flash_fwd_sm80<hdim %d, %s, %dx%d, %d warps>", kHeadDim, element_name<T>(),
-                  Tr::kBlockM, Tr::kBlockN, Tr::kWarps);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "flash_fwd_sm80<hdim %d, %s, %dx%d, %d warps%s>", Tr::kHeadDim,
+                  element_name<typename Tr::Element>(), Tr::kBlockM, Tr::kBlockN, Tr::kWarps,
+                  kScoreMod ? ", softcap/alibi" : "");
     return std::string(buf);
   }();
-
-  FwdArgs args;
-  args.group = p.heads / p.heads_k;
-  const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
-  const int64_t blocks = m_blocks * p.heads * p.batch;
-  if (blocks == 0) return;
-  if (blocks > INT_MAX)
-    throw Unsupported("flashattn: CUDA forward: " + std::to_string(blocks) +
-                      " query blocks (seqlen_q / " + std::to_string(Tr::kBlockM) +
-                      " x heads x batch) exceed the grid limit of 2^31 - 1");
-  args.m_blocks = int(m_blocks);
-  args.scale_log2 = p.scale * detail::kLog2e;
-
-  auto kernel = flash_fwd_kernel<Tr>;
+  auto kernel = flash_fwd_kernel<Tr, kScoreMod>;
   // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
   static std::atomic<uint64_t> smem_ready{0};
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
@@ -56,6 +43,26 @@ void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   }
   kernel<<<dim3(unsigned(blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(p, args);
   FA_CHECK_LAUNCH(name.c_str());
+}
+
+template <int kHeadDim, typename T>
+void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
+  using Tr = FwdTraits<kHeadDim, T>;
+  FwdArgs args;
+  args.group = p.heads / p.heads_k;
+  const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  const int64_t blocks = m_blocks * p.heads * p.batch;
+  if (blocks == 0) return;
+  if (blocks > INT_MAX)
+    throw Unsupported("flashattn: CUDA forward: " + std::to_string(blocks) +
+                      " query blocks (seqlen_q / " + std::to_string(Tr::kBlockM) +
+                      " x heads x batch) exceed the grid limit of 2^31 - 1");
+  args.m_blocks = int(m_blocks);
+  args.scale_log2 = p.scale * detail::kLog2e;
+  if (p.softcap > 0 || p.alibi_slopes)
+    launch_fwd<Tr, true>(p, args, blocks, device, stream);
+  else
+    launch_fwd<Tr, false>(p, args, blocks, device, stream);
 }
 
 }  // namespace flashattn::cuda::sm80
