@@ -44,7 +44,7 @@ using Json = nlohmann::json;
 constexpr uint64_t kSeed = 0x5eed'f1a5'a77e'2024ull;
 // Multiply-adds the fp64 oracle may spend on a check (a few seconds at most); larger problems
 // are checked on a slice of them.
-constexpr double kOracleBudgetMacs = 3e8;
+constexpr double kOracleBudgetMacs = 2e8;
 
 // ---- command line ----------------------------------------------------------------------------
 
