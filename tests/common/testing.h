@@ -57,8 +57,9 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(DType dtype, int64_t numel);
+  ~Buffer();
   Buffer(Buffer&&) = default;
-  Buffer& operator=(Buffer&&) = default;
+  Buffer& operator=(Buffer&&);
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 
