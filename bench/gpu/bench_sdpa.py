@@ -7,7 +7,7 @@ flash (FA2) and cuDNN backends, on the FlashAttention papers' convention (DESIGN
 
 Measures the device's ceilings first (bf16 GEMM rate, device-to-device copy bandwidth), times
 each config with CUDA events (median of --iters after --warmup), prints a Markdown table and
-writes bench.json and bench.md under --out.
+writes NAME.json and NAME.md (--name, default bench) under --out.
 """
 import argparse
 import json
@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--seqlens", default="1024,2048,4096,8192")
     ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--name", default="bench", help="output files NAME.md and NAME.json")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -128,8 +129,8 @@ def main():
             f"{fmt(rf, 2)} | {fmt(rc, 2)} | {r['ours_ms']:.3f} |")
     table = "\n".join(lines)
     print(table)
-    (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps(
+    (out / f"{args.name}.md").write_text(table + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(
         {"device": dev, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
          "gemm_tflops": gemm, "copy_tbps": copy, "rows": rows}, indent=1))
 

@@ -7,8 +7,9 @@
 # 2. the GPU tests (all of them);
 # 3. compute-sanitizer memcheck on a small subset, racecheck on one case;
 # 4. bench/gpu/bench_sdpa.py: ours vs PyTorch SDPA flash and cuDNN (DESIGN §6 convention).
-# Everything is logged under $OUT (default ./device-out): env.txt, tests.log, memcheck.log,
-# racecheck.log, bench.log, bench.md, bench.json. "quick" skips the sanitizers.
+# Everything is logged under $OUT (default ./device-out): env.txt, tests.log, sanitizer.log,
+# bench.log, bench.{md,json} (d 64/128) and bench-extra.{md,json} (d 96/192/256). "quick" skips
+# the sanitizers.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -57,17 +58,21 @@ grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[summary\]|tests ran" "$OUT/tests.log" 
 if [[ $MODE != quick ]]; then
   echo "== compute-sanitizer memcheck (subset)"
   run_ours compute-sanitizer --tool memcheck --error-exitcode 3 "$TESTS" \
-    --gtest_filter='Grid/CudaForward.MatchesOracle/d64_*:Grid/CudaForward.MatchesOracle/d40_*:Grid/CudaForward.MatchesOracle/varlen_*:Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:CudaMerge.*:CudaErrors.*' \
-    > "$OUT/memcheck.log" 2>&1
+    --gtest_filter='Grid/CudaForward.MatchesOracle/d64_*:Grid/CudaForward.MatchesOracle/d256_*:Grid/CudaForward.MatchesOracle/d40_*:Grid/CudaForward.MatchesOracle/varlen_*:Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:CudaMerge.*:CudaErrors.*' \
+    > "$OUT/sanitizer.log" 2>&1
   echo "memcheck exit code $?"
-  grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$OUT/memcheck.log" | tail -5
+  grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$OUT/sanitizer.log" | tail -5
   echo "== compute-sanitizer racecheck (one case)"
   run_ours compute-sanitizer --tool racecheck --error-exitcode 3 "$TESTS" \
     --gtest_filter='Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaForward.MatchesOracle/varlen_bf16_softcap_alibi_d96' \
-    > "$OUT/racecheck.log" 2>&1
+    > /tmp/racecheck.log 2>&1
   echo "racecheck exit code $?"
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^\[  (PASSED|FAILED) " "$OUT/racecheck.log" | tail -5
+  cat /tmp/racecheck.log >> "$OUT/sanitizer.log"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^\[  (PASSED|FAILED) " /tmp/racecheck.log | tail -5
 fi
 
 echo "== benchmark"
 python3 bench/gpu/bench_sdpa.py --ours /tmp/flashattn-gpu-bench.sh --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+echo "== benchmark, other head dims"
+python3 bench/gpu/bench_sdpa.py --ours /tmp/flashattn-gpu-bench.sh --out "$OUT" --name bench-extra \
+  --head-dims 96,192,256 --seqlens 2048,8192 2>&1 | tee -a "$OUT/bench.log"

@@ -250,6 +250,7 @@ struct Case {
   float softcap = 0;
   bool alibi = false;
   std::optional<float> scale;
+  bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
   Layout layout = Layout::dense;
   std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
 
@@ -358,14 +359,17 @@ class ForwardRun {
       vl.max_seqlen_q = *std::max_element(c.lens_q.begin(), c.lens_q.end());
       vl.max_seqlen_k = *std::max_element(c.lens_k.begin(), c.lens_k.end());
     }
+    if (c.small_tiles) setenv("FLASHATTN_CUDA_SMALL_TILES", "1", 1);
     try {
       if (varlen)
         flashattn::forward_varlen(tq, tk, tv, to, tl, vl, opt);
       else
         flashattn::forward(tq, tk, tv, to, tl, opt);
     } catch (const std::exception& e) {
+      unsetenv("FLASHATTN_CUDA_SMALL_TILES");
       FAIL() << "forward threw: " << e.what();
     }
+    unsetenv("FLASHATTN_CUDA_SMALL_TILES");
     CUDA_OK(cudaDeviceSynchronize());
 
     // Read back; everything outside the views must be as poisoned.
@@ -564,6 +568,19 @@ std::vector<Case> cases() {
     c.wl = 3;
     c.wr = 0;
     c.name = "window_empty_rows";
+    v.push_back(c);
+  }
+  for (bool causal : {false, true}) {  // d = 256 with A100's tiles (H100 picks larger ones)
+    Case c;
+    c.d = 256;
+    c.sq = 129;
+    c.sk = 1013;
+    c.heads = 2;
+    c.heads_k = 1;
+    c.causal = causal;
+    c.small_tiles = true;
+    c.dtype = causal ? DType::f16 : DType::bf16;
+    c.name = std::string("d256_sm80_tiles") + (causal ? "_causal" : "");
     v.push_back(c);
   }
   for (float scale : {-0.2f, 0.5f}) {  // an explicit scale; a negative one flips which score is the max

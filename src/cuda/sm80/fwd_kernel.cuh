@@ -25,10 +25,11 @@
 
 namespace flashattn::cuda::sm80 {
 
-template <int kHeadDim_, typename Element_>
+template <int kHeadDim_, typename Element_, bool kLargeSmem_ = false>
 struct FwdTraits {
   using Element = Element_;
-  static constexpr FwdTile kTile = fwd_tile(kHeadDim_);
+  static constexpr bool kLargeSmem = kLargeSmem_;
+  static constexpr FwdTile kTile = fwd_tile(kHeadDim_, kLargeSmem_);
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
@@ -52,7 +53,8 @@ struct FwdTraits {
   static_assert((kBlockM * kChunks) % kThreads == 0 && (kBlockN * kChunks) % kThreads == 0,
                 "tile loads are whole 16-byte chunks per thread");
   static_assert((kWarpRows * kChunks) % 32 == 0, "the epilogue stores whole chunks per lane");
-  static_assert(kSmemBytes <= 163 * 1024, "must fit A100's shared memory per block");
+  static_assert(kSmemBytes <= (kLargeSmem ? kLargeSmemBytes : kSmallSmemBytes),
+                "must fit the shared memory per block of the targeted GPUs");
 };
 
 // Scalars the launcher derives once per call.

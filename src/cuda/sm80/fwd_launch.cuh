@@ -5,6 +5,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -45,9 +46,8 @@ void launch_fwd(const AttnParams& p, const FwdArgs& args, int64_t blocks, int de
   FA_CHECK_LAUNCH(name.c_str());
 }
 
-template <int kHeadDim, typename T>
-void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
-  using Tr = FwdTraits<kHeadDim, T>;
+template <typename Tr>
+void run_fwd_tile(const AttnParams& p, int device, cudaStream_t stream) {
   FwdArgs args;
   args.group = p.heads / p.heads_k;
   const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
@@ -63,6 +63,19 @@ void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
     launch_fwd<Tr, true>(p, args, blocks, device, stream);
   else
     launch_fwd<Tr, false>(p, args, blocks, device, stream);
+}
+
+template <int kHeadDim, typename T>
+void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
+  using Small = FwdTraits<kHeadDim, T, false>;
+  if constexpr (fwd_tile(kHeadDim, true) != fwd_tile(kHeadDim, false)) {
+    using Large = FwdTraits<kHeadDim, T, true>;
+    // FLASHATTN_CUDA_SMALL_TILES=1 forces the sm80 tiles (lets an sm90 test run them too).
+    const char* force_small = std::getenv("FLASHATTN_CUDA_SMALL_TILES");
+    if (!(force_small && force_small[0] == '1') && max_smem_per_block(device) >= Large::kSmemBytes)
+      return run_fwd_tile<Large>(p, device, stream);
+  }
+  run_fwd_tile<Small>(p, device, stream);
 }
 
 }  // namespace flashattn::cuda::sm80
