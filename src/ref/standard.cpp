@@ -354,7 +354,6 @@ int64_t workspace_bytes(const Tensor& q, const Tensor& k, const Tensor& v, bool 
   if (!backward) return bytes + copy(dense_strides(p.seqlen_q, p.heads, p.head_dim_v), p.heads,
                                      p.seqlen_q, p.head_dim_v);
   bytes += scores;                                                          // dP / dS
-  bytes += int64_t(p.batch) * p.heads * p.seqlen_q * f;                     // D
   bytes += copy(dense_strides(p.seqlen_q, p.heads, p.head_dim_v), p.heads, p.seqlen_q, p.head_dim_v);  // dO
   bytes += copy(dense_strides(p.seqlen_q, p.heads, p.head_dim), p.heads, p.seqlen_q, p.head_dim);      // dQ
   bytes += copy(dense_strides(p.seqlen_k, p.heads_k, p.head_dim), p.heads_k, p.seqlen_k, p.head_dim);  // dK
@@ -435,7 +434,6 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
 
   // Per row: P recomputed in place of S, dS = P (dP - D) in place of dP, D = rowsum(dO O).
   const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-  FloatBuffer d_row = alloc_floats(rows);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> tanh_row(p.softcap > 0 ? p.seqlen_k : 0);
@@ -448,7 +446,6 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
       for (int d = 0; d < p.head_dim_v; ++d)
         D += load_as_float(p.dout, p.dout_offset(b, i, h) + d, p.dtype) *
              load_as_float(p.out, p.out_offset(b, i, h) + d, p.dtype);
-      d_row[r] = D;
 
       float* prow = pr.score_row(s.get(), b, h, i);
       float* dsrow = pr.score_row(ds.get(), b, h, i);
