@@ -31,6 +31,7 @@
 #include "core/half.h"
 #include "core/mask.h"
 #include "core/validate.h"
+#include "device_memory.h"
 #include "flashattn/flashattn.h"
 #include "fma_peak.h"
 #include "ref/reference.h"
@@ -139,6 +140,8 @@ Options options_of(const Config& c) {
   return o;
 }
 
+bool on_cpu(const Config& c) { return c.device.kind == DeviceKind::cpu; }
+
 Mask mask_of(const Config& c) {
   return Mask{c.seqlen_q, c.seqlen_k, c.window_left, c.causal ? 0 : c.window_right};
 }
@@ -162,23 +165,24 @@ int64_t physical_memory_bytes() {
 
 // ---- buffers and inputs ----------------------------------------------------------------------
 
-// A 64-byte aligned host allocation: the CPU kernels' vector loads care about alignment.
+// A 64-byte aligned allocation on the problem's device (the CPU kernels' vector loads care
+// about alignment on the host).
 class Buffer {
  public:
-  Buffer(size_t bytes, Device device) {
-    if (device.kind != DeviceKind::cpu)
-      throw Unsupported("flashattn-bench: CUDA buffers are not wired into this bench yet; use --device cpu");
-    const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
-    data_.reset(std::aligned_alloc(64, rounded));
+  Buffer(size_t bytes, Device device) : device_(device), bytes_(bytes) {
+    data_ = bench::device_alloc(bytes, device);
     if (!data_) throw std::bad_alloc();
   }
-  void* data() const { return data_.get(); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { bench::device_free(data_, device_); }
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
 
  private:
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<void, Free> data_;
+  Device device_;
+  size_t bytes_;
+  void* data_ = nullptr;
 };
 
 struct TensorBuffer {
@@ -195,16 +199,46 @@ struct TensorBuffer {
 
 struct Tensors {
   TensorBuffer q, k, v, out, lse, dout, dq, dk, dv;
-  explicit Tensors(const Config& c)
-      : q(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, c.device),
-        k(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, c.device),
-        v(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, c.device),
-        out(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, c.device),
-        lse(DType::f32, {c.batch, c.heads, c.seqlen_q}, c.device),
-        dout(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, c.device),
-        dq(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, c.device),
-        dk(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, c.device),
-        dv(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, c.device) {}
+  Tensors(const Config& c, Device device)
+      : q(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, device),
+        k(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, device),
+        v(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, device),
+        out(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, device),
+        lse(DType::f32, {c.batch, c.heads, c.seqlen_q}, device),
+        dout(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, device),
+        dq(c.dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, device),
+        dk(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, device),
+        dv(c.dtype, {c.batch, c.seqlen_k, c.kv_heads, c.head_dim}, device) {}
+};
+
+// Where the implementations run (`run`) and the host copy the oracle reads (`host`): the same
+// tensors on the CPU; on a GPU, inputs are copied over once and outputs back after each pass.
+struct Problem {
+  Device device;
+  Tensors host;
+  std::optional<Tensors> on_device;
+
+  Problem(const Config& c) : device(c.device), host(c, Device::cpu()) {
+    if (device.kind != DeviceKind::cpu) on_device.emplace(c, device);
+  }
+  const Tensors& run() const { return on_device ? *on_device : host; }
+
+  void inputs_to_device() const {
+    if (!on_device) return;
+    for (auto member : {&Tensors::q, &Tensors::k, &Tensors::v, &Tensors::dout})
+      bench::copy_to_device(((*on_device).*member).buffer.data(), (host.*member).buffer.data(),
+                            (host.*member).buffer.bytes(), device);
+  }
+  void outputs_to_host(bool backward) const {
+    if (!on_device) return;
+    for (auto member : outputs(backward))
+      bench::copy_to_host((host.*member).buffer.data(), ((*on_device).*member).buffer.data(),
+                          (host.*member).buffer.bytes(), device);
+  }
+  static std::vector<TensorBuffer Tensors::*> outputs(bool backward) {
+    if (backward) return {&Tensors::dq, &Tensors::dk, &Tensors::dv};
+    return {&Tensors::out, &Tensors::lse};
+  }
 };
 
 // Standard normal values from a counter-based hash: reproducible and filled in parallel.
@@ -224,13 +258,9 @@ void fill_normal(const Tensor& t, uint64_t seed, int threads) {
   for (int64_t i = 0; i < n; ++i) store_from_float(t.data, i, t.dtype, normal_at(seed, i));
 }
 
-// NaN everywhere, so an element a kernel forgets to write fails the check.
-void poison(const Tensor& t, int threads) {
-  const int64_t n = t.numel();
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) store_from_float(t.data, i, t.dtype, nan);
-}
+// NaN everywhere, so an element a kernel forgets to write fails the check: all-ones bytes are
+// a NaN in fp32, fp16 and bf16 alike.
+void poison(const TensorBuffer& t) { bench::fill_bytes(t.buffer.data(), 0xff, t.buffer.bytes(), t.tensor.device); }
 
 void fill_inputs(const Tensors& t, int threads) {
   fill_normal(t.q.tensor, kSeed + 1, threads);
@@ -261,13 +291,14 @@ void progress(const std::string& label, int done, int total) {
   std::fflush(stderr);
 }
 
-Timing time_runs(const std::string& label, int warmup, int iters, const std::function<void()>& fn) {
+Timing time_runs(const std::string& label, int warmup, int iters, Device device, const std::function<void()>& fn) {
   const int total = warmup + iters;
   std::vector<double> ms;
   for (int it = 0; it < total; ++it) {
     progress(label, it, total);
     const double start = now_ms();
     fn();
+    bench::synchronize(device);
     if (it >= warmup) ms.push_back(now_ms() - start);
   }
   progress(label, total, total);
@@ -479,19 +510,20 @@ Impl standard_impl() {
 
 // Times one pass of one implementation (poisoned outputs, warmup, iterations), then checks it.
 // flashattn::Unsupported and out-of-memory skip the pass; flashattn::Error propagates.
-Result run_pass(const Impl& impl, bool backward, const Config& c, const Tensors& t, Oracle* oracle) {
+Result run_pass(const Impl& impl, bool backward, const Config& c, const Problem& problem, Oracle* oracle) {
+  const Tensors& t = problem.run();
   Result r = Result::skipped(impl.name, backward ? "bwd" : "fwd", "");
   r.flops = forward_flops(c) * (backward ? 2.5 : 1.0);
   const Options options = options_of(c);
   const auto& fn = backward ? impl.backward : impl.forward;
   try {
-    for (const TensorBuffer* out : backward ? std::vector<const TensorBuffer*>{&t.dq, &t.dk, &t.dv}
-                                            : std::vector<const TensorBuffer*>{&t.out, &t.lse})
-      poison(out->tensor, c.threads_used);
+    for (auto member : Problem::outputs(backward)) poison(t.*member);
     PeakRssDelta rss;
-    r.timing = time_runs(r.impl + " " + r.pass, c.warmup, c.iters, [&] { fn(t, options); });
-    r.extra_bytes = impl.extra_bytes ? impl.extra_bytes(t, backward) : rss.bytes();
+    r.timing = time_runs(r.impl + " " + r.pass, c.warmup, c.iters, problem.device, [&] { fn(t, options); });
+    // On a GPU the host RSS says nothing about device memory: left unknown (-1) there.
+    r.extra_bytes = impl.extra_bytes ? impl.extra_bytes(t, backward) : on_cpu(c) ? rss.bytes() : -1;
     r.ran = true;
+    problem.outputs_to_host(backward);
   } catch (const Unsupported& e) {
     r.message = e.what();
     return r;
@@ -505,10 +537,11 @@ Result run_pass(const Impl& impl, bool backward, const Config& c, const Tensors&
 
 // The backward pass needs this implementation's out and lse; when its forward could not run,
 // the other implementation's forward provides them.
-bool prepare_backward_inputs(const Impl& impl, const Impl& other, const Config& c, const Tensors& t) {
+bool prepare_backward_inputs(const Impl& impl, const Impl& other, const Config& c, const Problem& problem) {
   for (const Impl* source : {&impl, &other}) {
     try {
-      source->forward(t, options_of(c));
+      source->forward(problem.run(), options_of(c));
+      bench::synchronize(problem.device);
       return true;
     } catch (const Unsupported&) {
     } catch (const std::bad_alloc&) {
@@ -530,7 +563,6 @@ std::string human_bytes(int64_t bytes) {
   return text;
 }
 
-bool on_cpu(const Config& c) { return c.device.kind == DeviceKind::cpu; }
 
 void print_header(const Config& c, const bench::FmaPeak& peak, const Slice& slice) {
   std::printf("flashattn-bench %s | device %s | %d threads | %s\n", version(), device_name(c.device).c_str(),
@@ -654,7 +686,12 @@ std::vector<Pass> plan(const Config& c, const Impl& flash, const Impl& standard)
     for (bool backward : {false, true}) {
       if (backward && !c.backward) continue;
       const bool is_standard = impl == &standard;
-      passes.push_back(Pass{impl, backward, is_standard ? standard_too_big(c, backward) : std::nullopt});
+      std::optional<std::string> skip;
+      if (is_standard && !on_cpu(c))
+        skip = "standard attention runs on the CPU only (GPU peers: bench/gpu/bench_sdpa.py)";
+      else if (is_standard)
+        skip = standard_too_big(c, backward);
+      passes.push_back(Pass{impl, backward, skip});
     }
   }
   return passes;
@@ -671,12 +708,13 @@ void run_all(const Config& c) {
   const bool any_runs = std::any_of(passes.begin(), passes.end(), [](const Pass& p) { return !p.skip; });
 
   const bench::FmaPeak peak = on_cpu(c) ? bench::measure_fma_peak(c.threads_used) : bench::FmaPeak{};
-  std::optional<Tensors> tensors;
+  std::optional<Problem> problem;
   std::optional<Oracle> oracle;
   if (any_runs) {
-    tensors.emplace(c);
-    fill_inputs(*tensors, c.threads_used);
-    if (c.check) oracle.emplace(c, *tensors);
+    problem.emplace(c);
+    fill_inputs(problem->host, c.threads_used);
+    problem->inputs_to_device();
+    if (c.check) oracle.emplace(c, problem->host);
   }
   if (!c.json) print_header(c, peak, oracle ? oracle->slice() : Slice{});
 
@@ -686,11 +724,11 @@ void run_all(const Config& c) {
       continue;
     }
     const Impl& other = pass.impl == &flash ? standard : flash;
-    if (pass.backward && !prepare_backward_inputs(*pass.impl, other, c, *tensors)) {
+    if (pass.backward && !prepare_backward_inputs(*pass.impl, other, c, *problem)) {
       report_skipped(pass, "no forward implementation could provide out and lse", c, peak);
       continue;
     }
-    report(run_pass(*pass.impl, pass.backward, c, *tensors, oracle ? &*oracle : nullptr), c, peak);
+    report(run_pass(*pass.impl, pass.backward, c, *problem, oracle ? &*oracle : nullptr), c, peak);
   }
 }
 
