@@ -44,7 +44,7 @@ Probabilities probabilities(const AttnParams& p, int b, int h) {
   r.p.assign(sq * sk, 0.0);
   r.lse.assign(sq, kNegInf);
   for (int64_t i = 0; i < sq; ++i) {
-    double* srow = &r.p[i * sk];
+    double* srow = r.p.data() + i * sk;  // not &r.p[..]: with no keys p is empty
     double row_max = kNegInf;
     for (int64_t j = 0; j < sk; ++j) {
       double dot = 0;
