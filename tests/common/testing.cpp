@@ -474,6 +474,24 @@ bool snapshot_and_check(Buffer& buf, const std::vector<Tensor>& views, const std
   return true;
 }
 
+// Inputs are read-only: their bytes before and after a call must match.
+class Unchanged {
+ public:
+  Unchanged(std::initializer_list<const Buffer*> bufs) {
+    for (const Buffer* b : bufs)
+      if (b->numel() > 0) saved_.emplace_back(b, b->snapshot());
+  }
+  ::testing::AssertionResult check(const char* call) const {
+    for (size_t i = 0; i < saved_.size(); ++i)
+      if (saved_[i].first->snapshot() != saved_[i].second)
+        return ::testing::AssertionFailure() << call << " modified one of its inputs (input buffer " << i << ")";
+    return ::testing::AssertionSuccess();
+  }
+
+ private:
+  std::vector<std::pair<const Buffer*, std::vector<uint8_t>>> saved_;
+};
+
 }  // namespace
 
 void Problem::make_views(Buffer* packed, Buffer& qb, Buffer& kb, Buffer& vb, Tensor& tq, Tensor& tk, Tensor& tv) {
@@ -537,8 +555,10 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
   out_buf_.poison();
   lse_buf_.poison();
   const auto out_before = out_buf_.snapshot(), lse_before = lse_buf_.snapshot();
+  const Unchanged inputs{&qkv_buf_, &q_buf_, &k_buf_, &v_buf_, &alibi_buf_};
   auto r = runs("flashattn::forward", [&] { flashattn::forward(q, k, v, out, lse, opt); });
   if (!r) return r;
+  if (auto u = inputs.check("forward"); !u) return u;
   if (!out_buf_.guards_intact()) return ::testing::AssertionFailure() << "forward wrote outside out's buffer";
   if (!lse_buf_.guards_intact()) return ::testing::AssertionFailure() << "forward wrote outside lse's buffer";
   if (auto u = untouched_outside(out_buf_, {out}, out_before); !u) return u << " (out)";
@@ -555,8 +575,10 @@ Problem::Problem(const Config& cfg, uint64_t seed) : c(cfg) {
     b->poison();
     before.push_back(b->snapshot());
   }
+  const Unchanged inputs{&qkv_buf_, &q_buf_, &k_buf_, &v_buf_, &alibi_buf_, &dout_buf_, &out_buf_, &lse_buf_};
   auto r = runs("flashattn::backward", [&] { flashattn::backward(dout, q, k, v, out, lse, dq, dk, dv, opt); });
   if (!r) return r;
+  if (auto u = inputs.check("backward"); !u) return u;
   for (size_t i = 0; i < bufs.size(); ++i) {
     if (!bufs[i]->guards_intact()) return ::testing::AssertionFailure() << "backward wrote outside a gradient buffer";
     const std::vector<Tensor> views = packed ? std::vector<Tensor>{dq, dk, dv} : std::vector<Tensor>{i == 0 ? dq : i == 1 ? dk : dv};
@@ -667,8 +689,10 @@ VarlenProblem::VarlenProblem(const Config& cfg, uint64_t seed) : c(cfg) {
   out_buf_.poison();
   lse_buf_.poison();
   const auto ob = out_buf_.snapshot(), lb = lse_buf_.snapshot();
+  const Unchanged inputs{&qkv_buf_, &q_buf_, &k_buf_, &v_buf_, &alibi_buf_, &cuq_buf_, &cuk_buf_};
   auto r = runs("flashattn::forward_varlen", [&] { flashattn::forward_varlen(q, k, v, out, lse, layout, opt); });
   if (!r) return r;
+  if (auto u = inputs.check("forward_varlen"); !u) return u;
   // Rows past the last sequence belong to no sequence: they must keep their poison.
   Tensor used_out = out, used_lse = lse;
   used_out.shape[0] = used_q();
@@ -687,9 +711,12 @@ VarlenProblem::VarlenProblem(const Config& cfg, uint64_t seed) : c(cfg) {
     b->poison();
     before.push_back(b->snapshot());
   }
+  const Unchanged inputs{&qkv_buf_, &q_buf_, &k_buf_, &v_buf_, &alibi_buf_, &cuq_buf_, &cuk_buf_,
+                         &dout_buf_, &out_buf_, &lse_buf_};
   auto r = runs("flashattn::backward_varlen",
                 [&] { flashattn::backward_varlen(dout, q, k, v, out, lse, dq, dk, dv, layout, opt); });
   if (!r) return r;
+  if (auto u = inputs.check("backward_varlen"); !u) return u;
   with_grads_ = true;
   Tensor uq = dq, uk = dk, uv = dv;
   uq.shape[0] = used_q();
