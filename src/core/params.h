@@ -121,6 +121,9 @@ struct MergeParams {
   Strides out_stride;
   float* lse = nullptr;
   int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+  // Varlen outputs (the split-KV forward): sequence b's row i lands on packed row cu[b] + i,
+  // and rows past its length are skipped. Null: fixed-length rows.
+  const int32_t* cu_seqlens_q = nullptr;
   int num_threads = 0;
   void* stream = nullptr;
 };

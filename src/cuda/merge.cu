@@ -41,17 +41,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) merge_kernel(const __grid
   float lse_max = neg_inf;
   for (int c = 0; c < m.splits; ++c) lse_max = fmaxf(lse_max, lse_c[c * m.pl_split_stride]);
   const int64_t out_base = b * m.out_stride.batch + i * m.out_stride.row + h * m.out_stride.head;
-  float lse = neg_inf;
+  float lse = neg_inf, inv_sum = 0;
   if (lse_max != neg_inf) {  // some split saw a key
     float sum = 0;
     for (int c = 0; c < m.splits; ++c) sum += expf(lse_c[c * m.pl_split_stride] - lse_max);
     lse = lse_max + logf(sum);
+    inv_sum = 1.0f / sum;
   }
   for (int d = lane; d < m.head_dim_v; d += 32) {
     float acc = 0;
     if (lse != neg_inf)
       for (int c = 0; c < m.splits; ++c) {
-        const float w = expf(lse_c[c * m.pl_split_stride] - lse);
+        // Relative to the largest LSE, normalised by the sum: exp(LSE_c - LSE) through a rounded
+        // LSE would scale every weight by |LSE| * 2^-24.
+        const float w = expf(lse_c[c * m.pl_split_stride] - lse_max) * inv_sum;
         if (w != 0) acc += w * po[c * m.po_split_stride + d];  // an empty split's O may be unwritten
       }
     store_out<T>(m.out, out_base + d, acc);

@@ -339,36 +339,17 @@ void forward_split(const AttnParams& p, int threads, int splits) {
     }
   }
 
-  // Merge straight into the caller's out/lse (varlen rows are addressed through AttnParams).
-  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t row = 0; row < rows; ++row) {
-    const int b = int(row / (int64_t(p.heads) * p.seqlen_q));
-    const int h = int(row / p.seqlen_q % p.heads);
-    const int64_t i = row % p.seqlen_q;
-    const size_t esize = dtype_size(p.dtype);
-    if (i < p.len_q(b)) {
-      float lse_max = kNegInf;
-      for (int c = 0; c < splits; ++c)
-        lse_max = std::max(lse_max, partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i]);
-      float out_row[256] = {};
-      float lse = kNegInf;
-      if (lse_max != kNegInf) {
-        float sum = 0;
-        for (int c = 0; c < splits; ++c)
-          sum += std::exp(partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i] - lse_max);
-        lse = lse_max + std::log(sum);
-        for (int c = 0; c < splits; ++c) {
-          const float w = std::exp(partial_lse[c * mp.pl_split_stride + b * mp.pl_batch_stride + h * mp.pl_head_stride + i] - lse);
-          if (w == 0) continue;
-          const float* po = &partial_out[c * mp.po_split_stride + b * mp.po_batch_stride + i * mp.po_row_stride + h * mp.po_head_stride];
-          for (int d = 0; d < p.head_dim_v; ++d) out_row[d] += w * po[d];
-        }
-      }
-      from_float(out_row, 1.0f, p.head_dim_v, p.dtype, static_cast<char*>(p.out) + esize * p.out_offset(b, i, h));
-      p.lse[p.lse_offset(b, i, h)] = lse;
-    }
-  }
+  // Merge straight into the caller's out/lse (varlen rows through cu_seqlens_q).
+  mp.out_dtype = p.dtype;
+  mp.out = p.out;
+  mp.out_stride = p.out_stride;
+  mp.lse = p.lse;
+  mp.lse_batch_stride = p.lse_batch_stride;
+  mp.lse_head_stride = p.lse_head_stride;
+  mp.lse_row_stride = 1;
+  mp.cu_seqlens_q = p.cu_seqlens_q;
+  mp.num_threads = threads;
+  cpu::merge(mp);
 }
 
 // Splits only when the plain tasks cannot fill the threads and each split keeps several key
@@ -376,7 +357,7 @@ void forward_split(const AttnParams& p, int threads, int splits) {
 int choose_splits(const AttnParams& p, int threads) {
   if (p.num_splits > 0) return int(std::min<int64_t>(p.num_splits, std::max<int64_t>(1, (p.seqlen_k + kBlockN - 1) / kBlockN)));
   const int64_t tasks = int64_t(p.batch) * p.heads_k * row_blocks(p);
-  if (tasks >= 2 * threads) return 1;
+  if (tasks == 0 || tasks >= 2 * threads) return 1;
   const int64_t by_threads = (2 * threads + tasks - 1) / tasks;
   const int64_t by_keys = p.seqlen_k / (4 * kBlockN);
   return int(std::max<int64_t>(1, std::min(by_threads, by_keys)));
