@@ -15,6 +15,9 @@ void dispatch(const Params& p, CpuFn cpu_fn, CudaFn cuda_fn) {
     return;
   }
 #if FLASHATTN_WITH_CUDA
+  if (!cuda::available())
+    throw Unsupported("flashattn: tensors are on " + device_name(p.device) +
+                      " but no usable CUDA device is present (no GPU or driver, or a GPU older than sm80)");
   cuda_fn(p);
 #else
   (void)cuda_fn;
