@@ -1,7 +1,31 @@
 #!/usr/bin/env bash
-# Builds everything and runs the whole test suite (CTest: the C++ tests).
+# Builds everything and runs the whole test suite: CTest (the C++ tests), then pytest (the Python
+# package, installed with pip into the venv build/pyvenv; FLASHATTN_SKIP_PYTHON=1 skips that step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/build.sh
-cd build
-ctest --output-on-failure -j"$(nproc)" --timeout 1200
+(cd build && ctest --output-on-failure -j"$(nproc)" --timeout 1200)
+
+[[ ${FLASHATTN_SKIP_PYTHON:-0} == 1 ]] && { echo "flashattn: Python tests skipped (FLASHATTN_SKIP_PYTHON=1)"; exit 0; }
+
+# ---- Python package: pip install . into build/pyvenv, then pytest tests/python ----------------
+fail() { echo "flashattn: Python step failed: $*" >&2; exit 1; }
+start=$SECONDS
+venv=build/pyvenv
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null || fail "no $python found (set PYTHON=/path/to/python3, or FLASHATTN_SKIP_PYTHON=1)"
+if [[ ! -x $venv/bin/python ]]; then
+  "$python" -m venv "$venv" >/dev/null ||
+    fail "'$python -m venv $venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
+fi
+pip_log=build/pyvenv-pip.log
+: >"$pip_log"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check \
+    "scikit-build-core>=0.10" "nanobind>=2.0" numpy pytest >>"$pip_log" 2>&1 ||
+  { tail -n 30 "$pip_log" >&2; fail "installing the build dependencies into $venv (log: $pip_log)"; }
+# No build isolation: the venv's scikit-build-core and nanobind build it, and build/py/ keeps the
+# CMake build between runs so only what changed is recompiled.
+"$venv/bin/python" -m pip install --no-build-isolation --disable-pip-version-check -v . >>"$pip_log" 2>&1 ||
+  { tail -n 40 "$pip_log" >&2; fail "pip install . (log: $pip_log)"; }
+echo "flashattn: Python package installed into $venv in $((SECONDS - start)) s"
+"$venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
