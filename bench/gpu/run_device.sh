@@ -29,17 +29,19 @@ if [[ -x $PREBUILT/flashattn_cuda_tests ]]; then
   [[ -f $PREBUILT/lib.tar.xz && ! -d $PREBUILT/lib ]] && tar -xJf "$PREBUILT/lib.tar.xz" -C "$PREBUILT"
   TESTS=$PREBUILT/flashattn_cuda_tests
   BENCH_BIN=$PREBUILT/flashattn-gpu-bench
+  MAIN_BIN=$PREBUILT/flashattn-bench
   LIBS=$PREBUILT/lib
 else
   echo "== building (FLASHATTN_CUDA_ARCHS=80;90)"
   if ! { cmake -S . -B build-device -G Ninja -DFLASHATTN_CUDA=ON -DFLASHATTN_CUDA_ARCHS="80;90" \
-           -DFLASHATTN_BUILD_APPS=OFF && cmake --build build-device -j16; } > "$OUT/build.log" 2>&1; then
+           && cmake --build build-device -j16; } > "$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"
     echo "build failed"
     exit 1
   fi
   TESTS=build-device/tests/cuda/flashattn_cuda_tests
   BENCH_BIN=build-device/bench/gpu/flashattn-gpu-bench
+  MAIN_BIN=build-device/apps/flashattn-bench
   LIBS=""
 fi
 # Our binaries (only they) see the carried libraries.
@@ -54,6 +56,10 @@ echo "== GPU tests"
 run_ours "$TESTS" 2>&1 > "$OUT/tests.log"
 echo "tests exit code $?"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[summary\]|tests ran" "$OUT/tests.log" | tail -40
+
+echo "== flashattn-bench, default problem (picks the GPU), checked against the oracle"
+run_ours "$MAIN_BIN" 2>&1 | tee "$OUT/main-bench.log"
+echo "flashattn-bench exit code ${PIPESTATUS[0]}"
 
 if [[ $MODE != quick ]]; then
   echo "== compute-sanitizer memcheck (subset)"
