@@ -3,7 +3,8 @@
 # Usage: tools/install-deps.sh [--python]
 set -euo pipefail
 
-packages=(cmake ninja-build g++ libopenblas-dev libgtest-dev libcli11-dev nlohmann-json3-dev)
+packages=(cmake ninja-build g++ libopenblas-dev libgtest-dev libcli11-dev nlohmann-json3-dev
+          python3 python3-dev python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
