@@ -143,14 +143,6 @@ void load_row(const void* base, int64_t offset, DType t, int n, int ld, float* d
   std::fill(dst + n, dst + ld, 0.0f);
 }
 
-// Software prefetch of one strided tensor row a few rows ahead: rows of a (batch, row, head,
-// dim) tensor lie heads * dim elements apart, often a page or more, where the hardware
-// prefetchers give up and the packing loops would wait on every row.
-void prefetch_row(const void* base, int64_t offset, DType t, int n) {
-  const char* p = static_cast<const char*>(base) + dtype_size(t) * offset;
-  for (int64_t byte = 0; byte < int64_t(n) * int64_t(dtype_size(t)); byte += 64) __builtin_prefetch(p + byte);
-}
-constexpr int kPrefetchRows = 4;
 
 // Row index of (sequence b, row 0) in the dense [total_q] row numbering.
 int64_t q_row_base(const BwdParams& p, int b) { return p.cu_seqlens_q ? p.q_begin(b) : int64_t(b) * p.seqlen_q; }

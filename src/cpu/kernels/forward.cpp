@@ -72,6 +72,8 @@ struct Task {
 
 // Scores below this many rows are dot products rather than a GEMM padded to kLanes rows.
 constexpr int kDotRows = 4;
+// How many key rows ahead the dot-product path fetches.
+constexpr int kDecodePrefetchRows = 16;
 
 // Loads Q^T for the task, scaled so that the scores come out in the log2 domain when no score
 // modifier needs the natural-scale value first.
@@ -94,8 +96,10 @@ void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_p
   if (p.dtype == DType::f32) {
     k_block = {reinterpret_cast<const float*>(k_base), p.k_stride.row, 1};
   } else {
-    for (int j = 0; j < cols; ++j)
+    for (int j = 0; j < cols; ++j) {
+      prefetch_row(k_base, p.k_stride.row * (j + kPrefetchRows), p.dtype, p.head_dim);
       to_float(k_base + esize * p.k_stride.row * j, p.dtype, p.head_dim, &ws.k[int64_t(j) * p.head_dim]);
+    }
     k_block = {ws.k.data(), p.head_dim, 1};
   }
   if (t.rows > kDotRows) {
@@ -107,8 +111,15 @@ void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_p
   for (int i = 0; i < t.rows; ++i)
     for (int d = 0; d < p.head_dim; ++d) q_rows[i][d] = ws.q_t[d * rows_pad + i];
   const int d_vec = p.head_dim / kLanes * kLanes;
+  // Decoding streams each key and value row once: fetch them ahead (the values for the P V
+  // product that follows), or every row waits on memory.
+  const char* v_base = static_cast<const char*>(p.v) + esize * p.v_offset(t.b, c0, t.hk);
   for (int j = 0; j < cols; ++j) {
     const float* kj = k_block.data + j * k_block.row_stride;
+    // Far ahead: a row costs only a few dozen cycles here against a memory latency of hundreds
+    // (past the block's end it warms the next block; a prefetch never faults).
+    if (p.dtype == DType::f32) prefetch_row(kj, k_block.row_stride * kDecodePrefetchRows, DType::f32, p.head_dim);
+    prefetch_row(v_base, p.v_stride.row * j, p.dtype, p.head_dim_v);
     float* s = &ws.s_t[int64_t(j) * rows_pad];
     for (int i = 0; i < t.rows; ++i) {
       vfloat acc{};
@@ -131,6 +142,7 @@ const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int col
   }
   ldv = round_up(p.head_dim_v, kLanes);
   for (int j = 0; j < cols; ++j) {
+    prefetch_row(v_base, p.v_stride.row * (j + kPrefetchRows), p.dtype, p.head_dim_v);
     float* dst = &ws.v[j * ldv];
     to_float(v_base + esize * p.v_stride.row * j, p.dtype, p.head_dim_v, dst);
     std::fill(dst + p.head_dim_v, dst + ldv, 0.0f);

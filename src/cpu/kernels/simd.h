@@ -84,6 +84,15 @@ inline vfloat tanh(vfloat x) {
   return 1.0f - 2.0f / (e + 1.0f);
 }
 
+// Software prefetch of one strided tensor row a few rows ahead: rows of a (batch, row, head,
+// dim) tensor lie heads * dim elements apart, often a page or more, where the hardware
+// prefetchers give up and a loop over rows would wait on every one.
+inline void prefetch_row(const void* base, int64_t offset, DType t, int n) {
+  const char* p = static_cast<const char*>(base) + dtype_size(t) * offset;
+  for (int64_t byte = 0; byte < int64_t(n) * int64_t(dtype_size(t)); byte += 64) __builtin_prefetch(p + byte);
+}
+inline constexpr int kPrefetchRows = 4;
+
 // ---- dtype conversion of a contiguous run of n elements to fp32 --------------------------
 inline void bf16_to_float(const uint16_t* src, int n, float* dst) {
   int i = 0;
