@@ -1,5 +1,7 @@
 #include "core/validate.h"
 
+#include "core/overlap.h"
+
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -22,16 +24,20 @@ std::string shape_of(std::initializer_list<int64_t> dims) {
   return s + "]";
 }
 
+// A null pointer is fine for a tensor with no elements (torch hands one out for an empty cache):
+// no backend reads or writes an element that is not there.
 void check_defined(const Tensor& t, const char* name) {
-  if (!t.data) throw Error(name, "a non-null data pointer", "null");
   if (t.rank < 1 || t.rank > Tensor::kMaxRank)
     throw Error(name, "a rank between 1 and 6", str(t.rank));
+  bool has_elements = true;
   for (int i = 0; i < t.rank; ++i) {
     if (t.shape[i] < 0)
       throw Error(name, "non-negative sizes", t.shape_string());
     if (t.stride[i] < 0)
       throw Error(name, "non-negative strides", "stride " + str(t.stride[i]) + " in dim " + str(i));
+    has_elements = has_elements && t.shape[i] > 0;
   }
+  if (!t.data && has_elements) throw Error(name, "a non-null data pointer", "null");
   const auto addr = reinterpret_cast<uintptr_t>(t.data);
   if (addr % dtype_size(t.dtype) != 0)
     throw Error(name, "a pointer aligned to " + str(dtype_size(t.dtype)) + " bytes (its element size)",
@@ -194,6 +200,26 @@ void check_lse(const Tensor& lse, AttnParams& p, bool varlen) {
   p.lse = static_cast<float*>(lse.data);
 }
 
+// Outputs are written while inputs are still being read (and the backward reads out and lse):
+// an output must share no memory with any tensor of the call other than itself.
+struct Named {
+  const Tensor* tensor;
+  const char* name;
+};
+
+void check_no_overlap(std::initializer_list<Named> outputs, std::initializer_list<Named> others) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    for (const Named& other : others)
+      if (may_overlap(*o->tensor, *other.tensor))
+        throw Error(o->name, std::string("memory that does not overlap ") + other.name,
+                    "views that share memory");
+    for (auto later = o + 1; later != outputs.end(); ++later)
+      if (may_overlap(*o->tensor, *later->tensor))
+        throw Error(later->name, std::string("memory that does not overlap ") + o->name,
+                    "views that share memory");
+  }
+}
+
 }  // namespace
 
 AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Options& options,
@@ -293,6 +319,7 @@ AttnParams check_forward(const Tensor& q, const Tensor& k, const Tensor& v, cons
   p.out = out.data;
   p.out_stride = strides_of(out, varlen);
   check_lse(lse, p, varlen);
+  check_no_overlap({{&out, "out"}, {&lse, "lse"}}, {{&q, "q"}, {&k, "k"}, {&v, "v"}});
   return p;
 }
 
@@ -306,6 +333,8 @@ BwdParams check_backward(const Tensor& dout, const Tensor& q, const Tensor& k, c
   check_like(dq, "dq", q, "q", p.dtype, p.device);
   check_like(dk, "dk", k, "k", p.dtype, p.device);
   check_like(dv, "dv", v, "v", p.dtype, p.device);
+  check_no_overlap({{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}},
+                   {{&dout, "dout"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
   p.dout = dout.data;
   p.dq = dq.data;
   p.dk = dk.data;
@@ -345,6 +374,7 @@ MergeParams check_merge(const Tensor& partial_out, const Tensor& partial_lse, co
   check_last_contiguous(partial_out, "partial_out");
   check_last_contiguous(out, "out");
   if (options.num_threads < 0) throw Error("num_threads", ">= 0 (0 = default)", str(options.num_threads));
+  check_no_overlap({{&out, "out"}, {&lse, "lse"}}, {{&partial_out, "partial_out"}, {&partial_lse, "partial_lse"}});
 
   m.partial_out = static_cast<const float*>(partial_out.data);
   m.po_split_stride = partial_out.stride[0];

@@ -650,5 +650,101 @@ TEST_F(Validation, MergeShapes) {
   EXPECT_ARG_ERROR("lse", flashattn::merge(po, pl, mo, with_shape(ml, 2, SQ - 1)));
 }
 
+// ---- empty tensors may be null ----------------------------------------------------------------
+
+// torch hands out a null pointer for a tensor with no elements (an empty KV cache, a zero-length
+// batch): such a tensor is valid, and the call computes what the other tensors say.
+TEST_F(Validation, EmptyTensorsMayBeNull) {
+  // No keys: every row is empty, so O = 0 and LSE = -inf.
+  EXPECT_NO_THROW(fwd(q, with_shape(null(k), 1, 0), with_shape(null(v), 1, 0), out, lse));
+  for (double x : to_dense(out)) EXPECT_EQ(x, 0.0);
+  for (double x : to_dense(lse)) EXPECT_EQ(x, -std::numeric_limits<double>::infinity());
+  snapshot();
+  // No queries: nothing to compute, nothing written.
+  EXPECT_NO_THROW(fwd(with_shape(null(q), 1, 0), k, v, with_shape(null(out), 1, 0), with_shape(null(lse), 2, 0)));
+  expect_untouched();
+  // A null pointer with elements is still an error.
+  EXPECT_ARG_ERROR("k", fwd(q, with_shape(null(k), 1, 1), with_shape(v, 1, 1), out, lse));
+}
+
+// ---- outputs that share memory with inputs or with each other ----------------------------------
+
+TEST_F(Validation, OverlappingOutputs) {
+  static_assert(D == DV, "out and dq alias q and dout by shape below");
+  // forward: out on q, lse on q, lse inside out
+  EXPECT_ARG_ERROR("out", fwd(q, k, v, view(bq, {B, SQ, H, DV}), lse));
+  EXPECT_ARG_ERROR("lse", fwd(q, k, v, out, view_raw(bq.data(), DType::f32, {B, H, SQ})));
+  EXPECT_ARG_ERROR("lse", fwd(q, k, v, out, view_raw(bo.data(), DType::f32, {B, H, SQ})));
+  // out starting inside q's last row, in one buffer; right after q is fine
+  const int64_t n = int64_t(B) * SQ * H * D;
+  Buffer both(dt, 2 * n);
+  Tensor q2 = view(both, {B, SQ, H, D});
+  Rng rng(test_seed());
+  fill_normal(q2, rng);
+  all.push_back(&both);
+  snapshot();
+  EXPECT_ARG_ERROR("out", fwd(q2, k, v, view(both, {B, SQ, H, DV}, {}, n - 1), lse));
+  EXPECT_NO_THROW(fwd(q2, k, v, view(both, {B, SQ, H, DV}, {}, n), lse));
+  snapshot();
+  // backward: a gradient on an input, on out, or on another gradient
+  EXPECT_ARG_ERROR("dq", bwd(dout, q, k, v, out, lse, view(bdo, {B, SQ, H, D}), dk, dv));
+  EXPECT_ARG_ERROR("dq", bwd(dout, q, k, v, out, lse, view(bo, {B, SQ, H, D}), dk, dv));
+  EXPECT_ARG_ERROR("dq", bwd(dout, q, k, v, out, lse, q, dk, dv));
+  EXPECT_ARG_ERROR("dk", bwd(dout, q, k, v, out, lse, dq, view(bk, {B, SK, HK, D}), dv));
+  EXPECT_ARG_ERROR("dv", bwd(dout, q, k, v, out, lse, dq, dk, view(bdk, {B, SK, HK, DV})));
+  // merge: out or lse on the partials, lse inside out
+  EXPECT_ARG_ERROR("out", flashattn::merge(po, pl, view_raw(bpo.data(), dt, {B, SQ, H, DV}), ml));
+  EXPECT_ARG_ERROR("lse", flashattn::merge(po, pl, mo, view_raw(bpl.data(), DType::f32, {B, H, SQ})));
+  EXPECT_ARG_ERROR("lse", flashattn::merge(po, pl, mo, view_raw(bmo.data(), DType::f32, {B, H, SQ})));
+}
+
+// The slices of one packed (batch, seqlen, 3, heads, dim) buffer interleave without sharing an
+// element: packed q/k/v and packed dq/dk/dv (flash_attn's qkvpacked functions) are accepted and
+// give the same bits as separate tensors; slices that do share elements are refused.
+TEST_F(Validation, PackedSlicesAreAccepted) {
+  constexpr int S = 7, NH = 3, HD = 16;
+  const std::vector<int64_t> shape{B, S, NH, HD}, packed_stride{S * 3 * NH * HD, 3 * NH * HD, HD, 1};
+  Buffer qkv(dt, int64_t(B) * S * 3 * NH * HD), dqkv(dt, int64_t(B) * S * 3 * NH * HD);
+  Buffer o(dt, int64_t(B) * S * NH * HD), l(DType::f32, int64_t(B) * NH * S), g(dt, int64_t(B) * S * NH * HD);
+  Rng rng(test_seed());
+  fill_normal(view(qkv, {B * S * 3 * NH * HD}), rng);
+  fill_normal(view(g, shape), rng);
+  auto slice = [&](Buffer& b, int i) { return view(b, shape, packed_stride, int64_t(i) * NH * HD); };
+  Options opt;
+  opt.causal = true;
+  opt.deterministic = true;
+  opt.num_threads = 1;
+  ASSERT_NO_THROW(fwd(slice(qkv, 0), slice(qkv, 1), slice(qkv, 2), view(o, shape), view(l, {B, NH, S}), opt));
+  ASSERT_NO_THROW(bwd(view(g, shape), slice(qkv, 0), slice(qkv, 1), slice(qkv, 2), view(o, shape),
+                      view(l, {B, NH, S}), slice(dqkv, 0), slice(dqkv, 1), slice(dqkv, 2), opt));
+
+  // The same call on separate dense tensors.
+  std::vector<Buffer> dense;
+  for (int i = 0; i < 8; ++i) dense.emplace_back(dt, int64_t(B) * S * NH * HD);
+  for (int i = 0; i < 3; ++i) {
+    const Tensor src = slice(qkv, i), dst = view(dense[i], shape);
+    const std::vector<double> vals = to_dense(src);
+    for (size_t j = 0; j < vals.size(); ++j) store(dst, int64_t(j), vals[j]);
+  }
+  Buffer l2(DType::f32, int64_t(B) * NH * S);
+  fwd(view(dense[0], shape), view(dense[1], shape), view(dense[2], shape), view(dense[3], shape),
+      view(l2, {B, NH, S}), opt);
+  bwd(view(g, shape), view(dense[0], shape), view(dense[1], shape), view(dense[2], shape), view(dense[3], shape),
+      view(l2, {B, NH, S}), view(dense[4], shape), view(dense[5], shape), view(dense[6], shape), opt);
+  EXPECT_EQ(to_dense(view(o, shape)), to_dense(view(dense[3], shape)));
+  for (int i = 0; i < 3; ++i)
+    EXPECT_EQ(to_dense(slice(dqkv, i)), to_dense(view(dense[4 + i], shape))) << "gradient " << i;
+
+  // dk one head early: its first head is dq's last head.
+  const Tensor dk_early = view(dqkv, shape, packed_stride, int64_t(NH - 1) * HD);
+  try {
+    bwd(view(g, shape), slice(qkv, 0), slice(qkv, 1), slice(qkv, 2), view(o, shape), view(l, {B, NH, S}),
+        slice(dqkv, 0), dk_early, slice(dqkv, 2), opt);
+    ADD_FAILURE() << "overlapping dq/dk slices were accepted";
+  } catch (const flashattn::Error& e) {
+    EXPECT_EQ(e.argument(), "dk") << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace fa_test
