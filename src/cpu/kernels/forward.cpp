@@ -21,6 +21,8 @@
 #include "cpu/kernels/gemm.h"
 #include "cpu/kernels/isa.h"
 #include "cpu/kernels/simd.h"
+#include "cpu/kernels/split_partials.h"
+#include "cpu/kernels/decode.h"
 #include "cpu/kernels/tiles.h"
 #include "cpu/backend.h"
 
@@ -261,18 +263,15 @@ void write_output(const AttnParams& p, const Task& t, Workspace& ws) {
   }
 }
 
-// Split-KV partial result: fp32 O_c and LSE_c in merge()'s layout.
-void write_partial(const AttnParams& p, const Task& t, int split, const MergeParams& mp, Workspace& ws) {
+// Split-KV partial result: fp32 O_c and LSE_c of each row.
+void write_partial(const AttnParams& p, const Task& t, int split, SplitPartials& partials, Workspace& ws) {
   const int dv_pad = int(round_up(p.head_dim_v, kLanes));
   for (int i = 0; i < t.rows; ++i) {
     const float l = ws.l[i];
     const float inv = l > 0 ? 1.0f / l : 0.0f;
-    float* dst = const_cast<float*>(mp.partial_out) + split * mp.po_split_stride + t.b * mp.po_batch_stride +
-                 t.query(i) * mp.po_row_stride + t.head(i) * mp.po_head_stride;
-    from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, DType::f32, dst);
-    const_cast<float*>(mp.partial_lse)[split * mp.pl_split_stride + t.b * mp.pl_batch_stride +
-                                       t.head(i) * mp.pl_head_stride + t.query(i) * mp.pl_row_stride] =
-        l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+    from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, DType::f32,
+               partials.out(split, t.b, t.query(i), t.head(i)));
+    partials.lse(split, t.b, t.query(i), t.head(i)) = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
   }
 }
 
@@ -317,26 +316,7 @@ void forward_blocks(const AttnParams& p, int threads) {
 // fp32 partials; merge() combines them.
 void forward_split(const AttnParams& p, int threads, int splits) {
   const int64_t chunk = round_up((p.seqlen_k + splits - 1) / splits, kBlockN);
-  std::vector<float> partial_out(int64_t(splits) * p.batch * p.seqlen_q * p.heads * p.head_dim_v);
-  std::vector<float> partial_lse(int64_t(splits) * p.batch * p.heads * p.seqlen_q);
-  MergeParams mp;
-  mp.device = p.device;
-  mp.splits = splits;
-  mp.batch = p.batch;
-  mp.heads = p.heads;
-  mp.head_dim_v = p.head_dim_v;
-  mp.seqlen_q = p.seqlen_q;
-  mp.partial_out = partial_out.data();
-  mp.po_head_stride = p.head_dim_v;
-  mp.po_row_stride = mp.po_head_stride * p.heads;
-  mp.po_batch_stride = mp.po_row_stride * p.seqlen_q;
-  mp.po_split_stride = mp.po_batch_stride * p.batch;
-  mp.partial_lse = partial_lse.data();
-  mp.pl_row_stride = 1;
-  mp.pl_head_stride = p.seqlen_q;
-  mp.pl_batch_stride = p.seqlen_q * p.heads;
-  mp.pl_split_stride = mp.pl_batch_stride * p.batch;
-
+  SplitPartials partials(p, splits);
   const int64_t tasks = int64_t(p.batch) * p.heads_k * row_blocks(p) * splits;
 #pragma omp parallel num_threads(threads)
   {
@@ -347,21 +327,10 @@ void forward_split(const AttnParams& p, int threads, int splits) {
       const Task t = task_at(p, task / splits, split * chunk, (split + 1) * chunk);
       if (t.rows == 0) continue;
       attend(p, t, ws);  // an empty key range leaves l = 0: LSE_c = -inf, ignored by merge
-      write_partial(p, t, split, mp, ws);
+      write_partial(p, t, split, partials, ws);
     }
   }
-
-  // Merge straight into the caller's out/lse (varlen rows through cu_seqlens_q).
-  mp.out_dtype = p.dtype;
-  mp.out = p.out;
-  mp.out_stride = p.out_stride;
-  mp.lse = p.lse;
-  mp.lse_batch_stride = p.lse_batch_stride;
-  mp.lse_head_stride = p.lse_head_stride;
-  mp.lse_row_stride = 1;
-  mp.cu_seqlens_q = p.cu_seqlens_q;
-  mp.num_threads = threads;
-  cpu::merge(mp);
+  partials.merge_into(p, threads);
 }
 
 // Splits only when the plain tasks cannot fill the threads and each split keeps several key
@@ -380,6 +349,7 @@ int choose_splits(const AttnParams& p, int threads) {
 void forward(const AttnParams& p) {
   if (p.batch == 0 || p.total_q == 0) return;
   const int threads = thread_count(p);
+  if (decode_applies(p)) return forward_decode(p, threads);
   const int splits = choose_splits(p, threads);
   if (splits > 1)
     forward_split(p, threads, splits);
