@@ -30,18 +30,13 @@ _PACKED = "(total_tokens, heads, head_dim)"
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
     check_dropout(dropout_p)
     left, right = window_pair(window_size)
+    scale = scale_or_none(softmax_scale)
+    if isinstance(q, _Tensor):  # ranks and the rest are checked by the kernel and the C++ library
+        return _ops.forward(q, k, v, scale, bool(causal), left, right, float(softcap), alibi_slopes,
+                            bool(deterministic))
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k, "k", 4, _BATCHED)
     check_rank(v, "v", 4, _BATCHED)
-    scale = scale_or_none(softmax_scale)
-    if isinstance(q, _Tensor):
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _ops.fwd(q, k, v, scale, bool(causal), left, right, float(softcap), alibi_slopes,
-                            bool(deterministic), 0)
-        # No gradient wanted: the inference operator, which has no autograd layer (the Python autograd
-        # kernel of register_autograd costs 4-7 us a call in eager on the development machine: most
-        # of a decode step's 10 us overhead budget).
-        return _ops.fwd_kvcache(q, k, v, None, scale, bool(causal), left, right, float(softcap), alibi_slopes, 0)
     return _numpy.forward(q, k, v, scale, bool(causal), left, right, float(softcap), alibi_slopes)
 
 
@@ -56,8 +51,8 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     check_rank(v, "v", 3, _PACKED)
     scale = scale_or_none(softmax_scale)
     if isinstance(q, _Tensor):
-        return _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                               bool(causal), left, right, float(softcap), alibi_slopes, bool(deterministic), 0)
+        return _ops.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                   scale, bool(causal), left, right, float(softcap), alibi_slopes, bool(deterministic))
     return _numpy.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                  bool(causal), left, right, float(softcap), alibi_slopes)
 

@@ -40,13 +40,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     -> out (batch, seqlen_q, heads, d_v); with return_softmax_lse, (out, softmax_lse (batch, heads, seqlen_q)).
     Causal/window masks align bottom-right on each sequence's cache length (the new queries are the
     last tokens)."""
-    for name, value, what in (("block_table", block_table, "a paged KV cache"),
-                              ("rotary_cos", rotary_cos, "rotary embedding"),
-                              ("rotary_sin", rotary_sin, "rotary embedding"),
-                              ("cache_batch_idx", cache_batch_idx, "indexing the cache's batch"),
-                              ("cache_leftpad", cache_leftpad, "left-padded caches")):
-        if value is not None:
-            raise unsupported(name, what)
+    if not (block_table is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
+            and cache_leftpad is None):
+        for name, value, what in (("block_table", block_table, "a paged KV cache"),
+                                  ("rotary_cos", rotary_cos, "rotary embedding"),
+                                  ("rotary_sin", rotary_sin, "rotary embedding"),
+                                  ("cache_batch_idx", cache_batch_idx, "indexing the cache's batch"),
+                                  ("cache_leftpad", cache_leftpad, "left-padded caches")):
+            if value is not None:
+                raise unsupported(name, what)
     left, right = window_pair(window_size)
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k_cache, "k_cache", 4, "(batch, seqlen_cache, heads_k, head_dim)")
@@ -58,7 +60,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         check_rank(v, "v", 4, "(batch, seqlen_new, heads_k, head_dim_v)")
         if cache_seqlens is None:
             raise error("cache_seqlens", "the cache lengths where k/v are appended", "None")
-    if not (cache_seqlens is None or isinstance(cache_seqlens, numbers.Integral) or hasattr(cache_seqlens, "shape")):
+    if not (cache_seqlens is None or isinstance(cache_seqlens, (int, numbers.Integral))
+            or hasattr(cache_seqlens, "shape")):
         raise error("cache_seqlens", "None, an int or a (batch,) integer tensor", type(cache_seqlens).__name__)
     opts = (scale_or_none(softmax_scale), bool(causal), left, right, float(softcap), alibi_slopes, int(num_splits))
     if isinstance(q, _Tensor):
@@ -82,7 +85,7 @@ def _check_length(length, seqlen_cache):
 def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts):
     seqlen_cache = k_cache.shape[1]
     lengths = None
-    if isinstance(cache_seqlens, numbers.Integral):
+    if isinstance(cache_seqlens, (int, numbers.Integral)):
         length = int(cache_seqlens)
         if k is not None:
             _check_append(k, seqlen_cache, length)
@@ -108,7 +111,7 @@ def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts):
         if not lengths.is_cuda and not torch.compiler.is_compiling():  # CPU values are free to check
             for length in lengths.tolist():
                 _check_length(length, seqlen_cache)
-    return _ops.fwd_kvcache(q, k_cache, v_cache, lengths, *opts)
+    return _ops.kvcache(q, k_cache, v_cache, lengths, *opts)
 
 
 def _numpy_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts):

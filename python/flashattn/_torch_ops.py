@@ -12,6 +12,16 @@ and the forward ones have their backward registered with torch.library.register_
 kernels run on the caller's current CUDA stream and nothing here reads a device value on the host:
 the forward is CUDA-graph capturable.
 
+Routing of the flash_attn functions (forward()/varlen_forward()/kvcache() below). Under tracing
+(torch.compile, export, make_fx), with a dispatch or function mode active, with tensor subclasses or
+functorch transforms: the operators (fwd/varlen_fwd when an input needs a gradient, else fwd_kvcache).
+In plain eager with plain tensors: the same kernel functions, called directly (under one
+torch.autograd.Function when a gradient is wanted). Same computation, minus two Python costs measured
+on the development machine: the dispatcher's round trip through a Python kernel (boxing 11 arguments
+into IValues and back, ~3 us, a third of a decode step's budget) and register_autograd's generic
+wrapper, whose fill_defaults rebuilds the schema's argument list once per argument on every call
+(~60 us a call for these 11-argument schemas).
+
 Registered with torch.library.Library.define/impl rather than the torch.library.custom_op decorator:
 same dispatcher entries (schema with the pt2_compliant tag, CPU and CUDA kernels, fake, autograd),
 but custom_op wraps every eager call in extra Python layers (a dynamo-disabled wrapper and an
@@ -53,8 +63,9 @@ def _stream(t):
 
 
 def _dense_last(t):
-    """The kernels need a contiguous last dim; every other stride may be anything."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    """The kernels need a contiguous last dim; every other stride may be anything. (A size-1 last dim
+    keeps its stride through contiguous(), and the C++ check accepts it.)"""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _capsule(t):
@@ -111,7 +122,12 @@ _OPTIONS = "float? softmax_scale, bool causal, int window_left, int window_right
 
 def _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
                 num_splits):
-    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
     out, lse = _fwd_outputs(q, v)
     _C.forward(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse), softmax_scale, causal,
                window_left, window_right, softcap, _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q))
@@ -297,3 +313,98 @@ def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, *options):
 
 fwd_kvcache = _define(f"fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, {_OPTIONS}, "
                       "int num_splits) -> (Tensor output, Tensor softmax_lse)", _kvcache_kernel, _kvcache_fake)
+
+
+# ---- routing for the flash_attn functions --------------------------------------------------------
+
+_functorch_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def _plain_eager(q, k, v):
+    """True when nothing would see the difference between the operator and its kernel: no tracing
+    (dynamo, jit), no dispatch or function mode, no functorch transform, no tensor subclass."""
+    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor and type(k) is torch.Tensor
+            and type(v) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled() and _functorch_stack() is None
+            and torch._C._get_tracing_state() is None)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Plain eager with a gradient wanted: fwd's kernel forward, bwd's kernel backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+        out, lse = _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                               deterministic, 0)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+        ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+        ctx.deterministic = deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = _bwd_kernel(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _EagerVarlenAttention(torch.autograd.Function):
+    """Plain eager with a gradient wanted, packed sequences: varlen_fwd's and varlen_bwd's kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                window_left, window_right, softcap, alibi_slopes, deterministic):
+        out, lse = _varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                      causal, window_left, window_right, softcap, alibi_slopes, deterministic, 0)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+        ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+        ctx.deterministic = deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = _varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
+                                        *ctx.options, alibi_slopes, ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 11
+
+
+def _wants_grad(q, k, v):
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+    """flash_attn_func's route (see the module docstring) -> (out, softmax_lse)."""
+    options = (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
+    if _plain_eager(q, k, v):
+        if _wants_grad(q, k, v):
+            return _EagerAttention.apply(q, k, v, *options, deterministic)
+        return _fwd_kernel(q, k, v, *options, False, 0)
+    if _wants_grad(q, k, v):
+        return fwd(q, k, v, *options, deterministic, 0)
+    return fwd_kvcache(q, k, v, None, *options, 0)
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                   window_left, window_right, softcap, alibi_slopes, deterministic):
+    """flash_attn_varlen_func's route -> (out, softmax_lse)."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+            window_right, softcap, alibi_slopes, deterministic)
+    if _plain_eager(q, k, v):
+        if _wants_grad(q, k, v):
+            return _EagerVarlenAttention.apply(*args)
+        return _varlen_fwd_kernel(*args, 0)
+    return varlen_fwd(*args, 0)
+
+
+def kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
+            alibi_slopes, num_splits):
+    """flash_attn_with_kvcache's route (inference only) -> (out, softmax_lse)."""
+    if _plain_eager(q, k_cache, v_cache):
+        return _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right,
+                               softcap, alibi_slopes, num_splits)
+    return fwd_kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
+                       alibi_slopes, num_splits)

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flashattn  # noqa: E402
-from torch_reference import devices, max_err  # noqa: E402
+from torch_reference import devices, grads_or_skip, max_err  # noqa: E402
 
 CUDA = "cuda" in devices()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA build and GPU")
@@ -85,6 +85,43 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.flashattn.bwd.default,
                               (torch.randn_like(out), q, k, v, out, lse, None, True, -1, -1, 0.0, None, False),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- routing: plain eager calls the kernel, anything that watches the dispatcher sees the operators --
+
+@pytest.mark.parametrize("device", devices())
+def test_modes_and_tracing_see_the_operators(device):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dtype = dtype_for(device)
+    q, k, v = (torch.randn(2, 9, h, 64, device=device, dtype=dtype) for h in (4, 2, 2))
+    eager = flashattn.flash_attn_func(q, k, v, causal=True)
+    via_op, _ = torch.ops.flashattn.fwd_kvcache(q, k, v, None, None, True, -1, -1, 0.0, None, 0)
+    assert torch.equal(eager, via_op)  # the same kernel either way
+    with Record() as record:
+        flashattn.flash_attn_func(q, k, v, causal=True)
+        flashattn.flash_attn_with_kvcache(q, k, v, cache_seqlens=5)
+    assert record.ops.count("flashattn.fwd_kvcache.default") == 2, record.ops
+    graph = torch.fx.experimental.proxy_tensor.make_fx(lambda a, b, c: flashattn.flash_attn_func(a, b, c))(q, k, v)
+    assert "flashattn.fwd_kvcache" in str(graph.code)
+    qg = q.clone().requires_grad_()
+    with Record() as record:
+        out = flashattn.flash_attn_func(qg, k, v, causal=True)
+    assert "flashattn.fwd.default" in record.ops, record.ops
+    # register_autograd's route and the eager autograd.Function give the same gradients
+    dout = torch.randn_like(out)
+    (through_op,) = grads_or_skip(out, (qg,), dout)
+    (eager_grad,) = grads_or_skip(flashattn.flash_attn_func(qg, k, v, causal=True), (qg,), dout)
+    assert torch.equal(through_op, eager_grad)
 
 
 # ---- torch.compile -------------------------------------------------------------------------------
