@@ -6,6 +6,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -88,9 +89,9 @@ fa::VarlenLayout layout(const Array& cu_q, const Array& cu_k, int max_q, int max
   return {view(cu_q, "cu_seqlens_q"), view(cu_k, "cu_seqlens_k"), max_q, max_k};
 }
 
-// The option arguments every entry point takes, in this order, after its arrays.
+// The option arguments every entry point takes, in this order, after its arrays (positional or by keyword).
 #define FA_OPTION_ARGS                                                                             \
-  nb::kw_only(), nb::arg("softmax_scale").none() = nb::none(), nb::arg("causal") = false,          \
+  nb::arg("softmax_scale").none() = nb::none(), nb::arg("causal") = false,                         \
       nb::arg("window_left") = -1, nb::arg("window_right") = -1, nb::arg("softcap") = 0.0f,        \
       nb::arg("alibi_slopes").none() = nb::none(), nb::arg("deterministic") = false,               \
       nb::arg("num_threads") = 0, nb::arg("num_splits") = 0, nb::arg("stream") = 0
@@ -179,6 +180,26 @@ NB_MODULE(_C, m) {
         fa::merge(tpo, tpl, to, tl, o);
       },
       "partial_out"_a, "partial_lse"_a, "out"_a, "lse"_a, nb::kw_only(), "num_threads"_a = 0, "stream"_a = 0);
+
+  // The C++ side of the Python overhead measurement (python/examples/overhead.py): host time of
+  // `iters` back-to-back fa::forward calls on views made once, in microseconds per call. CUDA
+  // launches are asynchronous, so this is the launch cost as long as the GPU queue does not fill.
+  m.def(
+      "time_forward",
+      [](Array q, Array k, Array v, Array out, Array lse, int iters, std::optional<float> scale, bool causal,
+         int wl, int wr, float softcap, std::optional<Array> alibi, bool det, int threads, int splits,
+         uintptr_t stream) {
+        if (iters < 1) throw fa::Error("iters", ">= 1", std::to_string(iters));
+        fa::Tensor tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), to = view(out, "out"),
+                   tl = view(lse, "lse");
+        fa::Options o = options(scale, causal, wl, wr, softcap, alibi, det, threads, splits, stream);
+        nb::gil_scoped_release release;
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) fa::forward(tq, tk, tv, to, tl, o);
+        const std::chrono::duration<double, std::micro> took = std::chrono::steady_clock::now() - start;
+        return took.count() / iters;
+      },
+      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "iters"_a, FA_OPTION_ARGS);
 
   m.def("cuda_available", &fa::cuda_available);
   m.def("version", &fa::version);

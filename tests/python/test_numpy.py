@@ -133,7 +133,7 @@ def test_errors_name_the_argument():
     expect_error("q", f, q[0], k, v)                                    # wrong rank
     expect_error("k", f, q, k.astype(np.float16), v)                   # mismatched dtype
     expect_error("v", f, q, k, v.astype(np.float16))
-    msg = expect_error("dropout_p", f, q, k, v, dropout_p=0.1)
+    msg = expect_error("dropout_p", f, q, k, v, dropout_p=0.1, exc=NotImplementedError)
     assert "not supported yet" in msg
     expect_error("k", f, q, randn(1, 8, 3, 32), randn(1, 8, 3, 32))     # heads_k must divide heads
     expect_error("k", f, q, randn(1, 8, 2, 16), v)                      # head_dim mismatch
@@ -150,9 +150,68 @@ def test_varlen_errors():
     expect_error("cu_seqlens_q", f, q, k, v, cu_q.astype(np.float32), cu_k, 6, 6)
     expect_error("cu_seqlens_k", f, q, k, v, cu_q, np.array([0, 6, 4], np.int32), 6, 6)
     expect_error("max_seqlen_q", f, q, k, v, cu_q, cu_k, 2, 6)
-    expect_error("block_table", f, q, k, v, cu_q, cu_k, 6, 6, block_table=np.zeros(1))
+    expect_error("block_table", f, q, k, v, cu_q, cu_k, 6, 6, block_table=np.zeros(1), exc=NotImplementedError)
 
 
 def test_module():
     assert isinstance(flashattn.cuda_available(), bool)
     assert flashattn.__version__
+
+
+# ---- flash_attn_with_kvcache and the SDPA-shaped entry on numpy arrays --------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kvcache_appends_and_matches_per_sequence(causal):
+    batch, seqlen_cache, h, hk, d = 3, 40, 4, 2, 32
+    k_cache, v_cache = randn(batch, seqlen_cache, hk, d), randn(batch, seqlen_cache, hk, d)
+    q, k_new, v_new = randn(batch, 2, h, d), randn(batch, 2, hk, d), randn(batch, 2, hk, d)
+    before = np.array([0, 17, 38], dtype=np.int32)
+    k_old = k_cache.copy()
+    out, lse = flashattn.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=before,
+                                                 causal=causal, return_softmax_lse=True)
+    assert out.shape == q.shape and lse.shape == (batch, h, 2)
+    for b, n in enumerate(before):
+        np.testing.assert_array_equal(k_cache[b, n:n + 2], k_new[b])
+        np.testing.assert_array_equal(k_cache[b, :n], k_old[b, :n])
+        np.testing.assert_array_equal(k_cache[b, n + 2:], k_old[b, n + 2:])
+        ref, ref_lse = attention(q[b:b + 1], k_cache[b:b + 1, :n + 2], v_cache[b:b + 1, :n + 2], causal=causal)
+        check(out[b:b + 1], ref, np.float32)
+        np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-4, atol=1e-4)
+    # an int length: every sequence sees the same prefix of its cache
+    out = flashattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=9, causal=causal)
+    check(out, attention(q, k_cache[:, :9], v_cache[:, :9], causal=causal)[0], np.float32)
+    out = flashattn.flash_attn_with_kvcache(q, k_cache, v_cache)  # None: the whole cache
+    check(out, attention(q, k_cache, v_cache)[0], np.float32)
+
+
+def test_kvcache_errors():
+    q, cache = randn(2, 1, 4, 32), randn(2, 8, 2, 32)
+    f = flashattn.flash_attn_with_kvcache
+    expect_error("block_table", f, q, cache, cache, block_table=np.zeros((2, 1), np.int32), exc=NotImplementedError)
+    expect_error("rotary_cos", f, q, cache, cache, rotary_cos=np.zeros((8, 16)), exc=NotImplementedError)
+    expect_error("cache_seqlens", f, q, cache, cache, cache_seqlens=[3, 9])
+    expect_error("k", f, q, cache, cache.copy(), randn(2, 3, 2, 32), randn(2, 3, 2, 32), cache_seqlens=6)
+
+
+def sdpa_reference(q, k, v, is_causal, scale=None):
+    """SDPA semantics in (batch, heads, seqlen, d) with its top-left causal mask, fp64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
+    s = q @ k.swapaxes(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("sq,sk", [(16, 16), (9, 30), (30, 9)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_top_left_causal(sq, sk, is_causal):
+    q, k, v = randn(2, 4, sq, 32), randn(2, 2, sk, 32), randn(2, 2, sk, 32)
+    out = flashattn.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.2, enable_gqa=True)
+    assert out.shape == (2, 4, sq, 32)
+    check(np.ascontiguousarray(out), sdpa_reference(q, k, v, is_causal, 0.2), np.float32)
+    expect_error("attn_mask", flashattn.scaled_dot_product_attention, q, k, v, attn_mask=np.ones((sq, sk)),
+                 exc=NotImplementedError)
+    expect_error("key", flashattn.scaled_dot_product_attention, q, k, v)  # GQA needs enable_gqa=True

@@ -1,0 +1,123 @@
+"""What the Python layer adds to a decode step on the GPU.
+
+Problem: batch 1, 1 query token, 4096 keys, 32 query heads over 8 KV heads, head dim 128, bf16 (the
+decode shape of the project's benchmarks). Host time per call, the GPU queue never full (100 calls
+between synchronisations, far under the launch queue's depth), median of 30 rounds:
+
+- C++ launch:  flashattn::forward called in a C++ loop on views made once (flashattn._C.time_forward);
+- binding only: flashattn._C.forward from Python on preallocated outputs (DLPack capsules, nanobind);
+- flash_attn_with_kvcache(q, k_cache, v_cache)   eager, outputs allocated per call;
+- flash_attn_func(q, k, v)                       eager, no input needs a gradient;
+- torch.ops.flashattn.fwd_kvcache: the operator route that tracing and dispatch modes take;
+- flash_attn_func(q, k, v) with inputs requiring grad (eager training route) and the autograd operator
+  torch.ops.flashattn.fwd (what torch.compile's AOT autograd uses: register_autograd);
+- torch SDPA on the same tensors, for scale.
+
+The paths are timed interleaved (one batch of each per round) so that drift of a shared host hits all alike.
+
+"added" = a Python path's time minus the C++ launch. Also the GPU time per call (CUDA events) for
+context. Prints a table and, with --json PATH, writes the numbers.
+
+    python python/examples/overhead.py [--json out.json]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import flashattn
+from flashattn import _C
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def host_us_per_call(fn, calls=100):
+    for _ in range(20):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    took = (time.perf_counter() - start) / calls * 1e6
+    sync()
+    return took
+
+
+def gpu_us_per_call(fn, calls=200):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--keys", type=int, default=4096)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (fp32)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev, dt = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
+    q = torch.randn(1, 1, 32, 128, device=dev, dtype=dt)
+    k = torch.randn(1, args.keys, 8, 128, device=dev, dtype=dt)
+    v = torch.randn(1, args.keys, 8, 128, device=dev, dtype=dt)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 32, 1, device=dev, dtype=torch.float32)
+    stream = torch.cuda.current_stream().cuda_stream if dev == "cuda" else 0
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def cpp():  # 100 launches timed inside C++, as host_us_per_call times 100 Python calls
+        sync()
+        took = _C.time_forward(q, k, v, out, lse, 100, stream=stream)
+        sync()
+        return took
+
+    cap = torch._C._to_dlpack
+    opts = (None, False, -1, -1, 0.0, None)
+    paths = {
+        "binding only (_C.forward, capsules)": lambda: _C.forward(cap(q), cap(k), cap(v), cap(out), cap(lse), None,
+                                                                  False, -1, -1, 0.0, None, False, 0, 0, stream),
+        "flash_attn_with_kvcache": lambda: flashattn.flash_attn_with_kvcache(q, k, v),
+        "flash_attn_func (no grad)": lambda: flashattn.flash_attn_func(q, k, v),
+        "op fwd_kvcache (traced route)": lambda: torch.ops.flashattn.fwd_kvcache.default(q, k, v, None, *opts, 0),
+        "flash_attn_func (grad, eager)": lambda: flashattn.flash_attn_func(qg, kg, vg),
+        "op fwd (grad, register_autograd)": lambda: torch.ops.flashattn.fwd.default(qg, kg, vg, *opts, False, 0),
+        "torch SDPA (peer, GQA)": lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True),
+    }
+    cpp_samples, samples = [], {name: [] for name in paths}
+    for _ in range(3):  # warm up
+        cpp()
+    for _ in range(30):
+        cpp_samples.append(cpp())
+        for name, fn in paths.items():
+            samples[name].append(host_us_per_call(fn))
+    cpp_median, cpp_min = statistics.median(cpp_samples), min(cpp_samples)
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    gpu = gpu_us_per_call(lambda: _C.forward(q, k, v, out, lse, stream=stream)) if dev == "cuda" else None
+    results = {"problem": f"b1 sq1 sk{args.keys} h32/8 d128 {str(dt)[6:]}", "device": device,
+               "cpp_launch_us": {"median": cpp_median, "min": cpp_min}, "gpu_kernel_us": gpu, "paths": {}}
+    print(f"{results['problem']} on {device}; GPU time per call: {gpu and round(gpu, 1)} us")
+    print(f"{'path':34s} {'host us/call':>12s} {'min':>7s} {'added':>7s}")
+    print(f"{'C++ launch (fa::forward)':34s} {cpp_median:12.2f} {cpp_min:7.2f} {'':>7s}")
+    for name, values in samples.items():
+        median, best = statistics.median(values), min(values)
+        results["paths"][name] = {"median": median, "min": best, "added_median": median - cpp_median}
+        print(f"{name:34s} {median:12.2f} {best:7.2f} {median - cpp_median:7.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

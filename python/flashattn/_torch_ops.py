@@ -1,0 +1,410 @@
+"""flashattn's operators in torch's dispatcher, namespace ``flashattn``.
+
+    torch.ops.flashattn.fwd          (q, k, v, ...) -> (out, softmax_lse)           autograd: bwd
+    torch.ops.flashattn.bwd          (dout, q, k, v, out, softmax_lse, ...) -> (dq, dk, dv)
+    torch.ops.flashattn.varlen_fwd   packed sequences + cu_seqlens                   autograd: varlen_bwd
+    torch.ops.flashattn.varlen_bwd
+    torch.ops.flashattn.fwd_kvcache  (q, k_cache, v_cache, cache_seqlens?, ...)     inference only: also
+                                     flash_attn_func's operator when no input needs a gradient
+
+Each has a fake (meta) implementation, so torch.compile traces through them without a graph break,
+and the forward ones have their backward registered with torch.library.register_autograd. The
+kernels run on the caller's current CUDA stream and nothing here reads a device value on the host:
+the forward is CUDA-graph capturable.
+
+Routing of the flash_attn functions (forward()/varlen_forward()/kvcache() below). Under tracing
+(torch.compile, export, make_fx), with a dispatch or function mode active, with tensor subclasses or
+functorch transforms: the operators (fwd/varlen_fwd when an input needs a gradient, else fwd_kvcache).
+In plain eager with plain tensors: the same kernel functions, called directly (under one
+torch.autograd.Function when a gradient is wanted). Same computation, minus two Python costs measured
+on the development machine: the dispatcher's round trip through a Python kernel (boxing 11 arguments
+into IValues and back, ~3 us, a third of a decode step's budget) and register_autograd's generic
+wrapper, whose fill_defaults rebuilds the schema's argument list once per argument on every call
+(~60 us a call for these 11-argument schemas).
+
+Registered with torch.library.Library.define/impl rather than the torch.library.custom_op decorator:
+same dispatcher entries (schema with the pt2_compliant tag, CPU and CUDA kernels, fake, autograd),
+but custom_op wraps every eager call in extra Python layers (a dynamo-disabled wrapper and an
+output aliasing check) that cost about 5 microseconds a call, half the overhead budget of a decode
+step (python/examples/overhead.py measures it).
+
+The tensors reach the extension as DLPack capsules made by torch's C++ exporter (the Python-level
+``Tensor.__dlpack__`` costs ~2 us a tensor, the capsule ~0.3 us): views, no copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from ._checks import error
+
+_lib = torch.library.Library("flashattn", "DEF")
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+_DEVICES = ("CPU", "CUDA")
+
+# ---- handing tensors to the extension ------------------------------------------------------------
+
+_to_dlpack = getattr(torch._C, "_to_dlpack", None)
+if _to_dlpack is None:  # a torch without the private exporter: nanobind calls __dlpack__ itself
+    def _to_dlpack(t):
+        return t.detach()  # __dlpack__ refuses tensors that require grad
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream(t):
+    """The current CUDA stream of t's device as an integer handle (0 on the CPU)."""
+    if not t.is_cuda:
+        return 0
+    if _raw_stream is not None:
+        return _raw_stream(t.get_device())
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _dense_last(t):
+    """The kernels need a contiguous last dim; every other stride may be anything. (A size-1 last dim
+    keeps its stride through contiguous(), and the C++ check accepts it.)"""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _capsule(t):
+    return None if t is None else _to_dlpack(t)
+
+
+def _need_rank(t, name, rank, layout):
+    if t.dim() != rank:
+        raise error(name, f"rank {rank} {layout}", f"rank {t.dim()} {list(t.shape)}")
+
+
+def _empty_out(q, v):
+    """A row-major tensor like q with v's head dim (empty_like is the cheapest allocation in eager)."""
+    if v.shape[-1] == q.shape[-1]:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# Output allocation, shared by the kernels and the fake implementations so that both give the same
+# shapes, dtypes and strides.
+def _fwd_outputs(q, v):
+    _need_rank(q, "q", 4, "(batch, seqlen_q, heads, head_dim)")
+    out = _empty_out(q, v)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def _varlen_outputs(q, v):
+    _need_rank(q, "q", 3, "(total_q, heads, head_dim)")
+    out = _empty_out(q, v)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+def _grads(q, k, v):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _define(schema, kernel, fake):
+    name = schema.split("(", 1)[0]
+    _lib.define(schema, tags=_TAGS)
+    for device in _DEVICES:
+        _lib.impl(name, kernel, device)
+    torch.library.register_fake(f"flashattn::{name}", fake, lib=_lib)
+    return getattr(torch.ops.flashattn, name).default
+
+
+_OPTIONS = "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes"
+
+# ---- dense batches -------------------------------------------------------------------------------
+
+
+def _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
+                num_splits):
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    out, lse = _fwd_outputs(q, v)
+    _C.forward(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse), softmax_scale, causal,
+               window_left, window_right, softcap, _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q))
+    return out, lse
+
+
+def _fwd_fake(q, k, v, *options):
+    return _fwd_outputs(q, v)
+
+
+fwd = _define(f"fwd(Tensor q, Tensor k, Tensor v, {_OPTIONS}, bool deterministic, int num_splits) "
+              "-> (Tensor output, Tensor softmax_lse)", _fwd_kernel, _fwd_fake)
+
+
+def _bwd_kernel(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                deterministic):
+    dout, q, k, v, out = (_dense_last(t) for t in (dout, q, k, v, out))
+    dq, dk, dv = _grads(q, k, v)
+    _C.backward(_to_dlpack(dout), _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
+                _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv), softmax_scale, causal, window_left, window_right,
+                softcap, _capsule(alibi_slopes), deterministic, 0, 0, _stream(q))
+    return dq, dk, dv
+
+
+def _bwd_fake(dout, q, k, v, *rest):
+    return _grads(q, k, v)
+
+
+bwd = _define(f"bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor softmax_lse, {_OPTIONS}, "
+              "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)", _bwd_kernel, _bwd_fake)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic, _ = inputs
+    ctx.save_for_backward(q, k, v, *output, alibi_slopes)
+    ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+    ctx.deterministic = deterministic
+
+
+def _fwd_backward(ctx, dout, _dlse):
+    # The LSE output is not differentiable (as in flash_attn): its gradient is ignored.
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flashattn::fwd", _fwd_backward, setup_context=_fwd_setup, lib=_lib)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("flashattn: the backward is not differentiable (no double backward / create_graph)")
+
+
+torch.library.register_autograd("flashattn::bwd", _no_double_backward, lib=_lib)
+
+# ---- packed variable-length sequences ------------------------------------------------------------
+
+_VARLEN = "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k"
+
+
+def _varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                       window_left, window_right, softcap, alibi_slopes, deterministic, num_splits):
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    out, lse = _varlen_outputs(q, v)
+    _C.forward_varlen(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
+                      _to_dlpack(cu_seqlens_q), _to_dlpack(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
+                      softmax_scale, causal, window_left, window_right, softcap, _capsule(alibi_slopes),
+                      deterministic, 0, num_splits, _stream(q))
+    return out, lse
+
+
+def _varlen_fwd_fake(q, k, v, *rest):
+    return _varlen_outputs(q, v)
+
+
+varlen_fwd = _define(f"varlen_fwd(Tensor q, Tensor k, Tensor v, {_VARLEN}, {_OPTIONS}, bool deterministic, "
+                     "int num_splits) -> (Tensor output, Tensor softmax_lse)", _varlen_fwd_kernel, _varlen_fwd_fake)
+
+
+def _varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+    dout, q, k, v, out = (_dense_last(t) for t in (dout, q, k, v, out))
+    dq, dk, dv = _grads(q, k, v)
+    _C.backward_varlen(_to_dlpack(dout), _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
+                       _to_dlpack(lse), _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv), _to_dlpack(cu_seqlens_q),
+                       _to_dlpack(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                       window_left, window_right, softcap, _capsule(alibi_slopes), deterministic, 0, 0,
+                       _stream(q))
+    return dq, dk, dv
+
+
+varlen_bwd = _define(f"varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor softmax_lse, "
+                     f"{_VARLEN}, {_OPTIONS}, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)",
+                     _varlen_bwd_kernel, _bwd_fake)
+
+
+def _varlen_setup(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+     window_right, softcap, alibi_slopes, deterministic, _) = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+    ctx.deterministic = deterministic
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, *ctx.options,
+                            alibi_slopes, ctx.deterministic)
+    return (dq, dk, dv) + (None,) * 12
+
+
+torch.library.register_autograd("flashattn::varlen_fwd", _varlen_backward, setup_context=_varlen_setup, lib=_lib)
+torch.library.register_autograd("flashattn::varlen_bwd", _no_double_backward, lib=_lib)
+
+# ---- KV cache (inference) ------------------------------------------------------------------------
+
+
+def _row_period(cache):
+    """m such that batch b's row s of a (batch, seqlen_cache, heads_k, d) cache sits at row b * m + s of
+    one strided (rows, heads_k, d) view; None when the layout has no such period."""
+    batch, seqlen = cache.shape[0], cache.shape[1]
+    if batch <= 1:
+        return seqlen
+    s0, s1 = cache.stride(0), cache.stride(1)
+    if s1 > 0 and s0 % s1 == 0 and s0 // s1 >= seqlen:
+        return s0 // s1
+    return None
+
+
+def _cache_rows(k_cache, v_cache):
+    """Both caches as (rows, heads_k, d) views over their own storage (no copy unless the two layouts
+    differ or have no row period), and the period m."""
+    period = _row_period(k_cache)
+    if period is None or period != _row_period(v_cache):
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+        period = k_cache.shape[1]
+    rows = (k_cache.shape[0] - 1) * period + k_cache.shape[1]
+
+    def view(c):
+        return c.as_strided((rows, c.shape[2], c.shape[3]), (c.stride(1), c.stride(2), c.stride(3)),
+                            c.storage_offset())
+
+    return view(k_cache), view(v_cache), period
+
+
+def _interleaved(starts, lengths):
+    """cu_seqlens [s0, s0+l0, s1, s1+l1, ..., s_last+l_last] (2*batch values, 2*batch - 1 sequences):
+    the real sequences at even indices, the gaps between them (what lies beyond each cache's
+    length) as the odd sequences, which get no query row."""
+    return torch.stack((starts, starts + lengths), dim=1).flatten()
+
+
+def _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
+                    alibi_slopes, num_splits):
+    if cache_seqlens is None or q.shape[0] == 0:
+        return _fwd_kernel(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
+                           alibi_slopes, False, num_splits)
+    # Per-sequence cache lengths through the varlen entry, exact and without a host read of the
+    # lengths: 2*batch - 1 packed sequences over the caches' own rows (see _interleaved), the queries
+    # of sequence b at even index 2b. Causal/window/ALiBi then align on each cache's own length.
+    batch, seqlen_q, heads, _ = q.shape
+    k_rows, v_rows, period = _cache_rows(k_cache, v_cache)
+    index = torch.arange(batch, dtype=torch.int32, device=q.device)
+    cu_k = _interleaved(index * period, cache_seqlens.to(torch.int32))
+    cu_q = _interleaved(index * seqlen_q, torch.full_like(index, seqlen_q))
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:  # (batch, heads): one row per packed sequence
+        alibi_slopes = alibi_slopes.repeat_interleave(2, dim=0)[: 2 * batch - 1]
+    out, lse = _varlen_fwd_kernel(q.reshape(batch * seqlen_q, heads, q.shape[3]), k_rows, v_rows,
+                                  cu_q, cu_k, seqlen_q, period, softmax_scale,
+                                  causal, window_left, window_right, softcap, alibi_slopes, False, num_splits)
+    return out.view(batch, seqlen_q, heads, out.shape[-1]), lse.view(heads, batch, seqlen_q).permute(1, 0, 2)
+
+
+def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, *options):
+    if cache_seqlens is None or q.shape[0] == 0:
+        return _fwd_outputs(q, v_cache)
+    batch, seqlen_q, heads, _ = q.shape
+    out = q.new_empty((batch, seqlen_q, heads, v_cache.shape[-1]))
+    lse = q.new_empty((heads, batch, seqlen_q), dtype=torch.float32).permute(1, 0, 2)
+    return out, lse
+
+
+fwd_kvcache = _define(f"fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, {_OPTIONS}, "
+                      "int num_splits) -> (Tensor output, Tensor softmax_lse)", _kvcache_kernel, _kvcache_fake)
+
+
+# ---- routing for the flash_attn functions --------------------------------------------------------
+
+_functorch_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def _plain_eager(q, k, v):
+    """True when nothing would see the difference between the operator and its kernel: no tracing
+    (dynamo, jit), no dispatch or function mode, no functorch transform, no tensor subclass."""
+    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor and type(k) is torch.Tensor
+            and type(v) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled() and _functorch_stack() is None
+            and torch._C._get_tracing_state() is None)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Plain eager with a gradient wanted: fwd's kernel forward, bwd's kernel backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+        out, lse = _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                               deterministic, 0)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+        ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+        ctx.deterministic = deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = _bwd_kernel(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _EagerVarlenAttention(torch.autograd.Function):
+    """Plain eager with a gradient wanted, packed sequences: varlen_fwd's and varlen_bwd's kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                window_left, window_right, softcap, alibi_slopes, deterministic):
+        out, lse = _varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                      causal, window_left, window_right, softcap, alibi_slopes, deterministic, 0)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+        ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+        ctx.deterministic = deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = _varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
+                                        *ctx.options, alibi_slopes, ctx.deterministic)
+        return (dq, dk, dv) + (None,) * 11
+
+
+def _wants_grad(q, k, v):
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+    """flash_attn_func's route (see the module docstring) -> (out, softmax_lse)."""
+    options = (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
+    if _plain_eager(q, k, v):
+        if _wants_grad(q, k, v):
+            return _EagerAttention.apply(q, k, v, *options, deterministic)
+        return _fwd_kernel(q, k, v, *options, False, 0)
+    if _wants_grad(q, k, v):
+        return fwd(q, k, v, *options, deterministic, 0)
+    return fwd_kvcache(q, k, v, None, *options, 0)
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                   window_left, window_right, softcap, alibi_slopes, deterministic):
+    """flash_attn_varlen_func's route -> (out, softmax_lse)."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+            window_right, softcap, alibi_slopes, deterministic)
+    if _plain_eager(q, k, v):
+        if _wants_grad(q, k, v):
+            return _EagerVarlenAttention.apply(*args)
+        return _varlen_fwd_kernel(*args, 0)
+    return varlen_fwd(*args, 0)
+
+
+def kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
+            alibi_slopes, num_splits):
+    """flash_attn_with_kvcache's route (inference only) -> (out, softmax_lse)."""
+    if _plain_eager(q, k_cache, v_cache):
+        return _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right,
+                               softcap, alibi_slopes, num_splits)
+    return fwd_kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
+                       alibi_slopes, num_splits)

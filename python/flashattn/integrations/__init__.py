@@ -1,0 +1,1 @@
+"""Adapters that plug flashattn into other libraries (imported on demand; none is a dependency)."""
