@@ -46,11 +46,23 @@ inline float reduce_max(vfloat v) {
   for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
-inline float reduce_add(vfloat v) {
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+// Pairwise: the halves are added until two lanes are left, log2(kLanes) dependent adds rather
+// than a kLanes-long chain of scalar adds (the decode paths reduce one vector per dot product).
+template <int N>
+struct VecOf {
+  typedef float type __attribute__((vector_size(N * 4)));
+};
+template <int N, size_t... I>
+inline float reduce_add_pairwise(typename VecOf<N>::type v, std::index_sequence<I...>) {
+  if constexpr (N == 2) {
+    return v[0] + v[1];
+  } else {
+    const typename VecOf<N / 2>::type lo = __builtin_shufflevector(v, v, I...);
+    const typename VecOf<N / 2>::type hi = __builtin_shufflevector(v, v, (I + N / 2)...);
+    return reduce_add_pairwise<N / 2>(lo + hi, std::make_index_sequence<N / 4>{});
+  }
 }
+inline float reduce_add(vfloat v) { return reduce_add_pairwise<kLanes>(v, std::make_index_sequence<kLanes / 2>{}); }
 
 // 2^x to about 1 ulp: x = n + f with n = round(x), f in [-0.5, 0.5]; 2^f by its degree-7
 // Taylor series in f*ln2 (truncation error < 2e-9), 2^n by building the exponent bits.
