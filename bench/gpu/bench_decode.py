@@ -137,9 +137,10 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--seqlens", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--splits-sweep", default="1:32768,16:131072",
-                    help="B:S[,B:S...]: also time ours at fixed num_splits for these (batch, keys)")
-    ap.add_argument("--sweep-splits", default="1,8,16,32,48,64,96,128")
+    ap.add_argument("--splits-sweep",
+                    default="1:8192:16/33/66/132,1:32768:8/16/24/29/33/48/66/99/132,1:131072:16/33/66/132,"
+                            "16:8192:1/2/4/8,16:131072:1/2/4/8",
+                    help="B:S:N1/N2/..[,...]: also time ours at these fixed num_splits for (batch B, keys S)")
     ap.add_argument("--name", default="decode")
     args = ap.parse_args()
 
@@ -159,9 +160,11 @@ def main():
                 print(f"skip b{b} s{s}: K/V {kv_bytes(b, s) / 2**30:.1f} GiB", file=sys.stderr)
                 continue
             shapes.append((b, s))
-    sweep = [tuple(map(int, x.split(":"))) for x in args.splits_sweep.split(",") if x]
     cases = [(b, s, 0) for b, s in shapes]
-    cases += [(b, s, n) for b, s in sweep if (b, s) in shapes for n in map(int, args.sweep_splits.split(","))]
+    for spec in filter(None, args.splits_sweep.split(",")):
+        b, s, counts = spec.split(":")
+        if (int(b), int(s)) in shapes:
+            cases += [(int(b), int(s), int(n)) for n in counts.split("/")]
     read_tbps, ours = run_ours(args.ours, cases, args.warmup, args.iters, 1024)
 
     print(f"device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")

@@ -51,6 +51,11 @@ struct DecodeTraits {
   static constexpr int kSmemCombineBytes = kWarps * kBlockM * kCombinePitch * 4;
   // A CTA's key unit: the heuristic cuts splits at multiples of it, so every warp gets as many blocks.
   static constexpr int kKeysPerRound = kWarps * kBlockN;
+  // 16-byte copies per lane for one K (or V) block.
+  static constexpr int kCopies = kBlockN * kChunks / 32;
+  // L2 fetch granularity of the K/V copies: a whole 256-byte row (d = 128 bf16) per DRAM access
+  // where rows are 256-byte multiples, else 128 bytes.
+  static constexpr int kPrefetchBytes = (kHeadDim * int(sizeof(Element))) % 256 == 0 ? 256 : 128;
 
   static_assert(kHeadDim % 16 == 0, "head dim tiles are k16 slices of the QK^T product");
   static_assert(kStages >= 2, "a ring needs one block in use and one in flight");
@@ -77,6 +82,28 @@ namespace decode_detail {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// cp.async of 16 bytes (zero-filled when !valid) that asks L2 to fetch the surrounding 128 or
+// 256 bytes from DRAM at once: K/V rows are streamed whole, so the neighbouring sectors are
+// always wanted next.
+template <int kPrefetchBytes>
+__device__ __forceinline__ void cp_async_16_stream(uint32_t smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  if constexpr (kPrefetchBytes == 256)
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+  else if constexpr (kPrefetchBytes == 128)
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
+
+// Lets the grid queued behind this one on the stream (the split merge, launched as a
+// programmatic dependent) become resident now; it waits for this grid's results itself.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -90,8 +117,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 }  // namespace decode_detail
 
 // kScoreMod: softcap and/or ALiBi present (a separate instantiation keeps tanh and the distance
-// arithmetic out of the plain kernel).
-template <typename Tr, bool kScoreMod>
+// arithmetic out of the plain kernel). kPrefetch: the K/V copies' L2 fetch size (0: no hint).
+template <typename Tr, bool kScoreMod, int kPrefetch = Tr::kPrefetchBytes>
 __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid_constant__ AttnParams p,
                                                                      const __grid_constant__ DecodeArgs args) {
   using T = typename Tr::Element;
@@ -102,6 +129,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // row group and thread-in-group of the MMA fragments
+  if (args.splits > 1) decode_detail::allow_dependent_launch();
 
   // Block -> (row block, split, kv head, sequence): the row blocks of one split are neighbours,
   // so they read the same K/V at about the same time (L2 hits).
@@ -153,24 +181,49 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
     ptx::cp_async_commit();
   }
 
+  // Block n of this warp into ring stage `stage`: K then V, keys past the sequence zero-filled
+  // (a NaN left in V would poison O through P = 0), chunks past the real head dims too.
   const T* gmem_k = static_cast<const T*>(p.k) + p.k_offset(b, 0, hk);
   const T* gmem_v = static_cast<const T*>(p.v) + p.v_offset(b, 0, hk);
-  // Block n of this warp into ring stage `stage`: K then V, keys past the sequence zero-filled
-  // (a NaN left in V would poison O through P = 0).
+  const uint32_t smem_ring = ptx::smem_addr(smem_kv);
   auto load_block = [&](int n, int stage) {
     const int64_t n0 = (nb_begin + warp + int64_t(kWarps) * n) * kBlockN;
-    T* smem_k = smem_kv + stage * 2 * Tr::kSmemKV;
-    T* smem_v = smem_k + Tr::kSmemKV;
+    const T* k_block = gmem_k + n0 * p.k_stride.row;
+    const T* v_block = gmem_v + n0 * p.v_stride.row;
+    const int64_t rows_left = len_k - n0;
+    const uint32_t smem_k = smem_ring + stage * 2 * Tr::kSmemKV * sizeof(T);
+    const uint32_t smem_v = smem_k + Tr::kSmemKV * sizeof(T);
+    if constexpr (32 % kChunks == 0) {
+      // Each lane keeps one column chunk and walks down the rows (d = 64 / 128 / 256).
+      constexpr int kRowStep = 32 / kChunks;
+      const int row0 = lane / kChunks, chunk = lane % kChunks;
+      const bool k_chunk_ok = chunk < qk_chunks, v_chunk_ok = chunk < v_chunks;
+      const T* k_src = k_block + row0 * p.k_stride.row + chunk * 8;
+      const T* v_src = v_block + row0 * p.v_stride.row + chunk * 8;
+      const uint32_t dst = (row0 * kPitch + chunk * 8) * sizeof(T);
 #pragma unroll
-    for (int i = 0; i < kBlockN * kChunks / 32; ++i) {
-      const int idx = lane + 32 * i;
-      const int r = idx / kChunks, chunk = idx % kChunks;
-      const bool row_ok = n0 + r < len_k;
-      const bool k_ok = row_ok && chunk < qk_chunks, v_ok = row_ok && chunk < v_chunks;
-      ptx::cp_async_16(ptx::smem_addr(smem_k + r * kPitch + chunk * 8),
-                       k_ok ? static_cast<const void*>(gmem_k + (n0 + r) * p.k_stride.row + chunk * 8) : p.k, k_ok);
-      ptx::cp_async_16(ptx::smem_addr(smem_v + r * kPitch + chunk * 8),
-                       v_ok ? static_cast<const void*>(gmem_v + (n0 + r) * p.v_stride.row + chunk * 8) : p.v, v_ok);
+      for (int i = 0; i < Tr::kCopies; ++i) {
+        const bool row_ok = row0 + i * kRowStep < rows_left;
+        const bool k_ok = row_ok && k_chunk_ok, v_ok = row_ok && v_chunk_ok;
+        const uint32_t d = dst + i * kRowStep * kPitch * sizeof(T);
+        decode_detail::cp_async_16_stream<kPrefetch>(smem_k + d, k_ok ? static_cast<const void*>(k_src) : p.k, k_ok);
+        decode_detail::cp_async_16_stream<kPrefetch>(smem_v + d, v_ok ? static_cast<const void*>(v_src) : p.v, v_ok);
+        k_src += kRowStep * p.k_stride.row;
+        v_src += kRowStep * p.v_stride.row;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < Tr::kCopies; ++i) {
+        const int idx = lane + 32 * i;
+        const int r = idx / kChunks, chunk = idx % kChunks;
+        const bool row_ok = r < rows_left;
+        const bool k_ok = row_ok && chunk < qk_chunks, v_ok = row_ok && chunk < v_chunks;
+        const uint32_t d = (r * kPitch + chunk * 8) * sizeof(T);
+        decode_detail::cp_async_16_stream<kPrefetch>(
+            smem_k + d, k_ok ? static_cast<const void*>(k_block + r * p.k_stride.row + chunk * 8) : p.k, k_ok);
+        decode_detail::cp_async_16_stream<kPrefetch>(
+            smem_v + d, v_ok ? static_cast<const void*>(v_block + r * p.v_stride.row + chunk * 8) : p.v, v_ok);
+      }
     }
   };
 
@@ -182,7 +235,8 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
   }
 
   // Per-thread rows: g and g + 8 of the tile. Each has its own query (mask) and head (ALiBi);
-  // its visible keys are clipped to the split. Rows past the tile see nothing.
+  // its visible keys are clipped to the split. Rows past the tile are never stored: they take the
+  // tile's whole key range (zero Q rows give finite scores), so they never force the mask.
   int64_t vis_lo[2], vis_hi[2];
   float alibi_slope[2] = {0.0f, 0.0f};
   int64_t diag[2] = {0, 0};
@@ -193,12 +247,15 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
     const int64_t i = row / group;
     const bool valid = r < rows;
     const int64_t lo = mask.key_begin(i), hi = mask.key_end(i);
-    vis_lo[hh] = valid ? (lo > split_lo ? lo : split_lo) : 0;
-    vis_hi[hh] = valid ? (hi < split_hi ? hi : split_hi) : 0;
+    vis_lo[hh] = valid ? (lo > split_lo ? lo : split_lo) : key_lo;
+    vis_hi[hh] = valid ? (hi < split_hi ? hi : split_hi) : key_hi;
     diag[hh] = mask.diagonal(i);
     if (kScoreMod && p.alibi_slopes && valid)
       alibi_slope[hh] = p.alibi_slopes[b * p.alibi_batch_stride + hk * group + int(row % group)];
   }
+  // Keys every row of the tile sees (the bounds are monotone in the row): blocks inside need no mask.
+  const int64_t all_lo = mask.key_begin(q_last) > split_lo ? mask.key_begin(q_last) : split_lo;
+  const int64_t all_hi = mask.key_end(q_first) < split_hi ? mask.key_end(q_first) : split_hi;
   const float softcap = kScoreMod ? p.softcap : 0.0f;
   const float inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
   // Without a score modifier (and with a positive scale) the scale folds into the exponent.
@@ -254,26 +311,39 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
 
     // To the log2 domain (unless folded into the exponent), softcap / ALiBi first, then the mask:
     // element (nt, e) is row g + 8 * (e / 2), key n0 + 8 * nt + 2 * t + (e & 1).
+    if constexpr (kScoreMod) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e / 2;
-        const int64_t j = n0 + nt * 8 + 2 * t + (e & 1);
-        float x = s[nt][e];
-        if constexpr (kScoreMod) {
-          x *= p.scale;
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e / 2;
+          float x = s[nt][e] * p.scale;
           if (softcap > 0) x = softcap * tanhf(x * inv_softcap);
           if (alibi_slope[hh] != 0) {
-            const int64_t dist = diag[hh] - j;
+            const int64_t dist = diag[hh] - (n0 + nt * 8 + 2 * t + (e & 1));
             x -= alibi_slope[hh] * float(dist < 0 ? -dist : dist);
           }
-          x *= decode_detail::kLog2e;
-        } else if (!fold_scale) {
-          x *= args.scale_log2;  // a negative scale: the max must be taken of the scaled scores
+          s[nt][e] = x * decode_detail::kLog2e;
         }
-        s[nt][e] = j >= vis_lo[hh] && j < vis_hi[hh] ? x : kNegInf;
+    } else if (!fold_scale) {  // a negative scale: the max must be taken of the scaled scores
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= args.scale_log2;
+    }
+    if (n0 < all_lo || n0 + kBlockN > all_hi) {  // a block some row sees only in part (CTA-uniform)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int lo = int(vis_lo[hh] - n0), hi = int(vis_hi[hh] - n0);  // |.| < 2^31: both in one sequence
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 2 * hh; e < 2 * hh + 2; ++e) {
+            const int j = nt * 8 + 2 * t + (e & 1);
+            if (j < lo || j >= hi) s[nt][e] = kNegInf;
+          }
       }
+    }
 
     // Online softmax for the thread's two rows.
 #pragma unroll

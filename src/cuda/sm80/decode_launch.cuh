@@ -5,6 +5,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/common/check.h"
@@ -20,16 +21,16 @@ namespace flashattn::cuda::sm80 {
 template <typename Tr>
 constexpr int64_t kDecodeMinKeysPerSplit = 4 * Tr::kKeysPerRound;
 
-template <typename Tr, bool kScoreMod>
+template <typename Tr, bool kScoreMod, int kPrefetch = Tr::kPrefetchBytes>
 struct DecodeKernel {
-  static constexpr auto kernel = flash_decode_kernel<Tr, kScoreMod>;
+  static constexpr auto kernel = flash_decode_kernel<Tr, kScoreMod, kPrefetch>;
 
   static const std::string& name() {
     static const std::string n = [] {
       char buf[160];
-      std::snprintf(buf, sizeof buf, "flash_decode_sm80<hdim %d, %s, %d warps, %d stages%s>", Tr::kHeadDim,
-                    std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kWarps, Tr::kStages,
-                    kScoreMod ? ", softcap/alibi" : "");
+      std::snprintf(buf, sizeof buf, "flash_decode_sm80<hdim %d, %s, %d warps, %d stages, L2 fetch %d%s>",
+                    Tr::kHeadDim, std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kWarps,
+                    Tr::kStages, kPrefetch, kScoreMod ? ", softcap/alibi" : "");
       return std::string(buf);
     }();
     return n;
@@ -85,10 +86,12 @@ struct DecodeKernel {
 template <int kHeadDim, typename T>
 void run_decode(const AttnParams& p, int device, cudaStream_t stream) {
   using Tr = DecodeTraits<kHeadDim, T>;
-  if (p.softcap > 0 || p.alibi_slopes)
-    DecodeKernel<Tr, true>::run(p, device, stream);
-  else
-    DecodeKernel<Tr, false>::run(p, device, stream);
+  if (p.softcap > 0 || p.alibi_slopes) return DecodeKernel<Tr, true>::run(p, device, stream);
+  // EXPERIMENT (to be settled by the next device run): FLASHATTN_CUDA_DECODE_L2_FETCH=0 drops the
+  // L2 fetch-size hint of the K/V copies.
+  const char* fetch = std::getenv("FLASHATTN_CUDA_DECODE_L2_FETCH");
+  if (fetch && fetch[0] == '0') return DecodeKernel<Tr, false, 0>::run(p, device, stream);
+  DecodeKernel<Tr, false>::run(p, device, stream);
 }
 
 }  // namespace flashattn::cuda::sm80

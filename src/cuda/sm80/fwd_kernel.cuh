@@ -149,6 +149,11 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   if constexpr (kSplit) {
     split = int(bid % args.splits);
     bid /= args.splits;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The merge, queued behind as a programmatic dependent, may become resident now; it waits
+    // for this grid's partials itself.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   }
   const int h = int(bid % p.heads);
   const int b = int(bid / p.heads);
