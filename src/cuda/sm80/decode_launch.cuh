@@ -5,7 +5,6 @@
 #include <atomic>
 #include <climits>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/common/check.h"
@@ -21,40 +20,36 @@ namespace flashattn::cuda::sm80 {
 template <typename Tr>
 constexpr int64_t kDecodeMinKeysPerSplit = 4 * Tr::kKeysPerRound;
 
-template <typename Tr, bool kScoreMod, int kPrefetch = Tr::kPrefetchBytes>
+template <typename Tr, bool kScoreMod>
 struct DecodeKernel {
-  static constexpr auto kernel = flash_decode_kernel<Tr, kScoreMod, kPrefetch>;
+  static constexpr auto kernel = flash_decode_kernel<Tr, kScoreMod>;
 
   static const std::string& name() {
     static const std::string n = [] {
       char buf[160];
       std::snprintf(buf, sizeof buf, "flash_decode_sm80<hdim %d, %s, %d warps, %d stages, L2 fetch %d%s>",
                     Tr::kHeadDim, std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kWarps,
-                    Tr::kStages, kPrefetch, kScoreMod ? ", softcap/alibi" : "");
+                    Tr::kStages, Tr::kPrefetchBytes, kScoreMod ? ", softcap/alibi" : "");
       return std::string(buf);
     }();
     return n;
   }
 
-  // Opts in to the kernel's dynamic smem on `device` (once) and returns how many CTAs of it an SM holds.
-  static int prepare(int device) {
-    static std::atomic<int> ctas_per_sm[64] = {};
-    if (device >= 0 && device < 64)
-      if (const int n = ctas_per_sm[device].load(std::memory_order_acquire)) return n;
+  // Opts in to the kernel's dynamic smem on `device` (once per device).
+  static void prepare(int device) {
+    static std::atomic<uint64_t> ready{0};
+    const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+    if (bit && (ready.load(std::memory_order_acquire) & bit)) return;
     if (Tr::kSmemBytes > max_smem_per_block(device))
       throw Unsupported("flashattn: " + name() + " needs " + std::to_string(Tr::kSmemBytes) +
                         " bytes of shared memory per block; cuda:" + std::to_string(device) + " offers " +
                         std::to_string(max_smem_per_block(device)));
     FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-    int n = 0;
-    FA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes));
-    n = n > 0 ? n : 1;
-    if (device >= 0 && device < 64) ctas_per_sm[device].store(n, std::memory_order_release);
-    return n;
+    ready.fetch_or(bit, std::memory_order_release);
   }
 
   static void run(const AttnParams& p, int device, cudaStream_t stream) {
-    const int ctas_per_sm = prepare(device);
+    prepare(device);
     DecodeArgs args;
     args.group = p.heads / p.heads_k;
     const int64_t row_blocks = (p.seqlen_q * args.group + Tr::kBlockM - 1) / Tr::kBlockM;
@@ -62,8 +57,11 @@ struct DecodeKernel {
     if (ctas == 0) return;
     args.row_blocks = int(row_blocks);
     args.scale_log2 = p.scale * decode_detail::kLog2e;
-    const SplitPlan plan = plan_splits(p, ctas, int64_t(sm_count(device)) * ctas_per_sm, Tr::kKeysPerRound,
-                                       kDecodeMinKeysPerSplit<Tr>);
+    // A wave is one CTA per SM, although two fit: the kernel is bound by the bytes each SM moves,
+    // so an SM holding two CTAs finishes last. Measured on H100, b1 x 8 kv heads, 32k keys:
+    // 16 splits (128 CTAs) 56 us, 29 (232 CTAs) 59 us, 33 (264) 59 us, 66 (528) 62 us; batch 16
+    // (128 CTAs): 1 split 2.87 ms, 2 splits 2.89 ms.
+    const SplitPlan plan = plan_splits(p, ctas, sm_count(device), Tr::kKeysPerRound, kDecodeMinKeysPerSplit<Tr>);
     args.splits = plan.splits;
     args.chunk = plan.chunk;
     const int64_t blocks = ctas * plan.splits;
@@ -86,12 +84,10 @@ struct DecodeKernel {
 template <int kHeadDim, typename T>
 void run_decode(const AttnParams& p, int device, cudaStream_t stream) {
   using Tr = DecodeTraits<kHeadDim, T>;
-  if (p.softcap > 0 || p.alibi_slopes) return DecodeKernel<Tr, true>::run(p, device, stream);
-  // EXPERIMENT (to be settled by the next device run): FLASHATTN_CUDA_DECODE_L2_FETCH=0 drops the
-  // L2 fetch-size hint of the K/V copies.
-  const char* fetch = std::getenv("FLASHATTN_CUDA_DECODE_L2_FETCH");
-  if (fetch && fetch[0] == '0') return DecodeKernel<Tr, false, 0>::run(p, device, stream);
-  DecodeKernel<Tr, false>::run(p, device, stream);
+  if (p.softcap > 0 || p.alibi_slopes)
+    DecodeKernel<Tr, true>::run(p, device, stream);
+  else
+    DecodeKernel<Tr, false>::run(p, device, stream);
 }
 
 }  // namespace flashattn::cuda::sm80
