@@ -1,7 +1,7 @@
 // flashattn-gpu-bench: times flashattn::forward on CUDA tensors.
 //
 //   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] [--read-bandwidth MiB]
-//                       --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
+//                       [--rotate-kv] --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
 //
 // Each case is (batch, seqlen_k, heads, head_dim, causal 0/1), optionally kv heads HK (0 or absent:
 // = heads), seqlen_q SQ (0 or absent: = seqlen_k; 1 for a decode step) and options.num_splits
@@ -12,7 +12,8 @@
 //    "num_splits":..,"ms":median,"ms_min":..,"tflops":..,"bytes":..,"tbps":..}
 // FLOPs = 4 * b * h * sq * sk * d, halved for causal (the FlashAttention papers' convention);
 // bytes = q + k + v + out once (the memory-bound floor of decoding), tbps = bytes / median.
-// When one case's K/V would fit in L2 several copies are rotated, so every call reads from HBM.
+// --rotate-kv: when a case's K/V is not several times the L2 size, copies of it are rotated so that
+// every call reads its K/V from HBM (decoding: what a real step does).
 // --read-bandwidth N: first times a plain streaming read of N MiB (16-byte loads, nothing stored
 // but one word per block) and prints {"read_tbps":..}, the read-only ceiling.
 #include <cuda_fp16.h>
@@ -96,6 +97,7 @@ float median_of(std::vector<T> v) {
 int main(int argc, char** argv) {
   int warmup = 5, iters = 20;
   int64_t read_mib = 0;
+  bool rotate_kv = false;
   flashattn::DType dtype = flashattn::DType::bf16;
   std::vector<Case> cases;
   for (int i = 1; i < argc; ++i) {
@@ -108,6 +110,7 @@ int main(int argc, char** argv) {
     else if (a == "--iters") iters = std::stoi(next());
     else if (a == "--dtype") dtype = next() == "fp16" ? flashattn::DType::f16 : flashattn::DType::bf16;
     else if (a == "--read-bandwidth") read_mib = std::stoll(next());
+    else if (a == "--rotate-kv") rotate_kv = true;
     else if (a == "--case") {
       Case c{};
       int causal = 0;
@@ -123,7 +126,7 @@ int main(int argc, char** argv) {
       cases.push_back(c);
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--read-bandwidth MiB] "
+                   "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--read-bandwidth MiB] [--rotate-kv] "
                    "--case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] ...\n",
                    argv[0]);
       return 2;
@@ -174,7 +177,8 @@ int main(int argc, char** argv) {
     const int64_t nq = int64_t(c.batch) * c.seqlen_q * c.heads * c.head_dim;
     const int64_t nkv = int64_t(c.batch) * c.seqlen * c.heads_k * c.head_dim;
     // Enough K/V copies that one call's K/V is gone from L2 when its turn comes again.
-    const int copies = int(std::min<int64_t>(64, std::max<int64_t>(1, (4 * l2_bytes + 4 * nkv - 1) / (4 * nkv))));
+    const int copies =
+        rotate_kv ? int(std::min<int64_t>(64, std::max<int64_t>(1, (4 * l2_bytes + 4 * nkv - 1) / (4 * nkv)))) : 1;
     uint16_t *q, *o;
     std::vector<uint16_t*> k(copies), v(copies);
     float* lse;

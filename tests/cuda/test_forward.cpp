@@ -256,6 +256,7 @@ struct Case {
   bool decode_kernel = true; // false: FLASHATTN_CUDA_DECODE=0, decode shapes go to the main kernel
   Layout layout = Layout::dense;
   std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
+  std::vector<int32_t> used_k;      // options.seqused_k (keys used per sequence) when non-empty
 
   int head_dim_v() const { return dv ? dv : d; }
   bool varlen() const { return !lens_q.empty(); }
@@ -335,6 +336,10 @@ class ForwardRun {
     CUDA_OK(cudaMemcpy(gcu_q.data(), cu_q.data(), cu_q.size() * 4, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(gcu_k.data(), cu_k.data(), cu_k.size() * 4, cudaMemcpyHostToDevice));
     if (c.alibi) CUDA_OK(cudaMemcpy(gslopes.data(), slopes.data(), slopes.size() * 4, cudaMemcpyHostToDevice));
+    DeviceBuffer gused(4, int64_t(c.used_k.size()));
+    ASSERT_TRUE(gused.ok());
+    if (!c.used_k.empty())
+      CUDA_OK(cudaMemcpy(gused.data(), c.used_k.data(), c.used_k.size() * 4, cudaMemcpyHostToDevice));
 
     // Poison: outputs NaN everywhere (gaps and guards included).
     const uint32_t nan16 = 0x7FC1u, nan32 = 0x7FC00001u;
@@ -356,6 +361,8 @@ class ForwardRun {
     const Tensor to = make_tensor(go.data(), c.dtype, po, dev);
     const Tensor tl = make_tensor(gl.data(), DType::f32, pl, dev);
     if (c.alibi) opt.alibi_slopes = Tensor::contiguous(gslopes.data(), DType::f32, {c.heads}, dev);
+    if (!c.used_k.empty())
+      opt.seqused_k = Tensor::contiguous(gused.data(), DType::i32, {int64_t(c.used_k.size())}, dev);
     flashattn::VarlenLayout vl;
     if (varlen) {
       vl.cu_seqlens_q = Tensor::contiguous(gcu_q.data(), DType::i32, {int64_t(cu_q.size())}, dev);
@@ -414,6 +421,8 @@ class ForwardRun {
            hv = make_tensor(hv_.data(), c.dtype, dvp, cpu);
     Options hopt = opt;
     if (c.alibi) hopt.alibi_slopes = Tensor::contiguous(slopes.data(), DType::f32, {c.heads}, cpu);
+    std::vector<int32_t> used_k = c.used_k;
+    if (!used_k.empty()) hopt.seqused_k = Tensor::contiguous(used_k.data(), DType::i32, {int64_t(used_k.size())}, cpu);
     flashattn::VarlenLayout hvl;
     if (varlen) {
       hvl.cu_seqlens_q = Tensor::contiguous(cu_q.data(), DType::i32, {int64_t(cu_q.size())}, cpu);
@@ -434,11 +443,15 @@ class ForwardRun {
       ref_lse = ref.lse;
     }
 
-    // Baseline: standard attention per sequence (varlen) or for the whole batch.
+    // Baseline: standard attention per sequence (varlen, or seqused_k: on the used keys' views)
+    // or for the whole batch.
     std::vector<double> base_out(ref_out.size(), 0.0), base_lse(ref_lse.size(), -kInf);
+    Options sopt = hopt;
+    sopt.seqused_k.reset();
+    const bool per_sequence = varlen || !c.used_k.empty();
     auto run_standard = [&](int64_t q_row0, int64_t k_row0, int len_q, int len_k, int b_fixed) {
       if (len_q == 0 || len_k == 0) return;  // O = 0, LSE = -inf: what base_* already hold
-      const int64_t nb = varlen ? 1 : c.batch;
+      const int64_t nb = per_sequence ? 1 : c.batch;
       std::vector<uint16_t> so(nb * len_q * c.heads * dv);
       std::vector<float> sl(nb * c.heads * len_q);
       Tensor sq_t = Tensor::strided(hq_.data() + q_row0 * c.heads * c.d, c.dtype, {nb, len_q, c.heads, c.d},
@@ -449,25 +462,27 @@ class ForwardRun {
                                     {int64_t(len_k) * c.heads_k * dv, int64_t(c.heads_k) * dv, dv, 1});
       Tensor so_t = Tensor::contiguous(so.data(), c.dtype, {nb, len_q, c.heads, dv});
       Tensor sl_t = Tensor::contiguous(sl.data(), DType::f32, {nb, c.heads, len_q});
-      flashattn::standard::forward(sq_t, sk_t, sv_t, so_t, sl_t, hopt);
+      flashattn::standard::forward(sq_t, sk_t, sv_t, so_t, sl_t, sopt);
       for (int64_t bb = 0; bb < nb; ++bb)
         for (int64_t i = 0; i < len_q; ++i)
           for (int h = 0; h < c.heads; ++h) {
-            const int64_t row = varlen ? q_row0 + i : bb * c.sq + i;
+            const int64_t b_abs = per_sequence ? b_fixed : bb;  // the sequence in the fixed layout
+            const int64_t row = varlen ? q_row0 + i : b_abs * c.sq + i;
             for (int d = 0; d < dv; ++d)
               base_out[(row * c.heads + h) * dv + d] = from_bits(c.dtype, so[((bb * len_q + i) * c.heads + h) * dv + d]);
             const double l = sl[(bb * c.heads + h) * len_q + i];
             if (varlen)
               base_lse[h * used_q + row] = l;
             else
-              base_lse[(bb * c.heads + h) * c.sq + i] = l;
+              base_lse[(b_abs * c.heads + h) * c.sq + i] = l;
           }
-      (void)b_fixed;
     };
     try {
       if (varlen) {
         for (size_t b = 0; b < c.lens_q.size(); ++b)
-          run_standard(cu_q[b], cu_k[b], c.lens_q[b], c.lens_k[b], int(b));
+          run_standard(cu_q[b], cu_k[b], c.lens_q[b], c.used_k.empty() ? c.lens_k[b] : c.used_k[b], int(b));
+      } else if (!c.used_k.empty()) {
+        for (int b = 0; b < c.batch; ++b) run_standard(int64_t(b) * c.sq, int64_t(b) * c.sk, c.sq, c.used_k[b], b);
       } else {
         run_standard(0, 0, c.sq, c.sk, 0);
       }
@@ -784,6 +799,57 @@ std::vector<Case> split_cases() {
     c.causal = splits == 8;
     c.num_splits = splits;
     add(c, "varlen_decode_splits" + std::to_string(splits));
+  }
+  // seqused_k: a fixed-size KV cache filled to a different length per sequence (one empty).
+  for (int splits : {0, 1, 3}) {
+    Case c = dec;
+    c.batch = 4;
+    c.sk = 2000;
+    c.heads = 16;
+    c.heads_k = 4;
+    c.used_k = {2000, 777, 0, 65};
+    c.num_splits = splits;
+    add(c, "seqused_k_decode_splits" + std::to_string(splits));
+  }
+  {
+    Case c = dec;  // causal chunk of 3 queries aligned on the used length (one shorter than 3)
+    c.batch = 3;
+    c.sq = 3;
+    c.sk = 500;
+    c.heads = 8;
+    c.heads_k = 2;
+    c.causal = true;
+    c.alibi = true;
+    c.used_k = {400, 2, 129};
+    c.num_splits = 2;
+    c.dtype = DType::f16;
+    add(c, "seqused_k_causal_alibi_sq3");
+  }
+  {
+    Case c;  // the main kernel (130 packed rows), split
+    c.batch = 2;
+    c.sq = 130;
+    c.sk = 700;
+    c.heads = 2;
+    c.heads_k = 2;
+    c.d = 128;
+    c.causal = true;
+    c.used_k = {300, 699};
+    c.num_splits = 3;
+    add(c, "seqused_k_main_causal_splits3");
+  }
+  {
+    Case c;  // varlen + seqused_k: a prefix of each sequence's packed keys
+    c.lens_q = {1, 2, 1};
+    c.lens_k = {900, 64, 300};
+    c.used_k = {450, 0, 300};
+    c.batch = 3;
+    c.heads = 8;
+    c.heads_k = 2;
+    c.d = 64;
+    c.causal = true;
+    c.num_splits = 4;
+    add(c, "seqused_k_varlen_splits4");
   }
   // The main kernel's split path: longer queries (more than 64 packed rows).
   {

@@ -66,7 +66,11 @@ struct FwdArgs {
   int group = 1;           // query heads per kv head
   int m_blocks = 0;        // query blocks per (sequence, head)
   float scale_log2 = 0;    // softmax_scale * log2(e)
-  // Split-KV only (kSplit): split c owns key blocks [c * split_blocks, (c + 1) * split_blocks).
+};
+
+// Split-KV only (kSplit): split c owns key blocks [c * split_blocks, (c + 1) * split_blocks). A
+// parameter of its own, so that the un-split kernel's code stays exactly what it was.
+struct FwdSplitArgs {
   int splits = 1;
   int split_blocks = 0;
   PartialOut partial;
@@ -130,7 +134,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 // keeps the split bookkeeping out of the plain kernel.
 template <typename Tr, bool kScoreMod, bool kSplit = false>
 __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_constant__ AttnParams p,
-                                                                  const __grid_constant__ FwdArgs args) {
+                                                                  const FwdArgs args,
+                                                                  const __grid_constant__ FwdSplitArgs split_args) {
   using T = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kRowPitch;
   constexpr int kMTiles = Tr::kMTiles, kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
@@ -147,8 +152,8 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   bid /= args.m_blocks;
   int split = 0;
   if constexpr (kSplit) {
-    split = int(bid % args.splits);
-    bid /= args.splits;
+    split = int(bid % split_args.splits);
+    bid /= split_args.splits;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The merge, queued behind as a programmatic dependent, may become resident now; it waits
     // for this grid's partials itself.
@@ -176,11 +181,11 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   const int out_chunks = p.head_dim_v / 8;
 
   if constexpr (kSplit) {  // only this split's key blocks; none: LSE_c = -inf (the merge skips O_c)
-    const int split_begin = split * args.split_blocks;
+    const int split_begin = split * split_args.split_blocks;
     n_begin = n_begin > split_begin ? n_begin : split_begin;
-    n_end = n_end < split_begin + args.split_blocks ? n_end : split_begin + args.split_blocks;
+    n_end = n_end < split_begin + split_args.split_blocks ? n_end : split_begin + split_args.split_blocks;
     if (n_end <= n_begin) {
-      for (int r = tid; r < rows; r += Tr::kThreads) *args.partial.lse_at(split, b, m0 + r, h) = kNegInf;
+      for (int r = tid; r < rows; r += Tr::kThreads) *split_args.partial.lse_at(split, b, m0 + r, h) = kNegInf;
       return;
     }
   }
@@ -417,14 +422,14 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         const int r = warp_row0 + mt * 16 + hh * 8 + g;
         if (r >= rows) continue;
-        float* dst = args.partial.out_at(split, b, m0 + r, h);
+        float* dst = split_args.partial.out_at(split, b, m0 + r, h);
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt)
           if (dt * 8 < p.head_dim_v)
             *reinterpret_cast<float2*>(dst + dt * 8 + 2 * t) =
                 make_float2(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
         if (t == 0)
-          *args.partial.lse_at(split, b, m0 + r, h) =
+          *split_args.partial.lse_at(split, b, m0 + r, h) =
               l > 0.0f ? (row_max[mt][hh] + log2f(l)) * detail::kLn2 : kNegInf;
       }
   } else {

@@ -23,7 +23,8 @@ constexpr const char* element_name() {
 }
 
 template <typename Tr, bool kScoreMod, bool kSplit>
-void launch_fwd(const AttnParams& p, const FwdArgs& args, int64_t blocks, int device, cudaStream_t stream) {
+void launch_fwd(const AttnParams& p, const FwdArgs& args, const FwdSplitArgs& split_args, int64_t blocks, int device,
+                cudaStream_t stream) {
   static const std::string name = [] {
     char buf[160];
     std::snprintf(buf, sizeof buf, "flash_fwd_sm80<hdim %d, %s, %dx%d, %d warps%s%s>", Tr::kHeadDim,
@@ -43,16 +44,17 @@ void launch_fwd(const AttnParams& p, const FwdArgs& args, int64_t blocks, int de
     FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
     smem_ready.fetch_or(bit, std::memory_order_release);
   }
-  kernel<<<dim3(unsigned(blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(p, args);
+  kernel<<<dim3(unsigned(blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(p, args, split_args);
   FA_CHECK_LAUNCH(name.c_str());
 }
 
 template <typename Tr, bool kSplit>
-void launch_fwd_mod(const AttnParams& p, const FwdArgs& args, int64_t blocks, int device, cudaStream_t stream) {
+void launch_fwd_mod(const AttnParams& p, const FwdArgs& args, const FwdSplitArgs& split_args, int64_t blocks,
+                    int device, cudaStream_t stream) {
   if (p.softcap > 0 || p.alibi_slopes)
-    launch_fwd<Tr, true, kSplit>(p, args, blocks, device, stream);
+    launch_fwd<Tr, true, kSplit>(p, args, split_args, blocks, device, stream);
   else
-    launch_fwd<Tr, false, kSplit>(p, args, blocks, device, stream);
+    launch_fwd<Tr, false, kSplit>(p, args, split_args, blocks, device, stream);
 }
 
 // Resident CTAs per SM of the main kernel: its smem and 255-register threads allow at most this
@@ -91,16 +93,17 @@ void run_fwd_tile(const AttnParams& p, int device, cudaStream_t stream) {
   if (p.num_splits != 1)
     plan = plan_splits(p, blocks, int64_t(sm_count(device)) * fwd_ctas_per_sm<Tr>(device), Tr::kBlockN,
                        4 * Tr::kBlockN);
-  if (plan.splits <= 1) return launch_fwd_mod<Tr, false>(p, args, blocks, device, stream);
+  FwdSplitArgs split_args;
+  if (plan.splits <= 1) return launch_fwd_mod<Tr, false>(p, args, split_args, blocks, device, stream);
 
   if (blocks * plan.splits > INT_MAX)
     throw Unsupported("flashattn: CUDA forward: " + std::to_string(blocks * plan.splits) +
                       " CTAs (query blocks x heads x batch x splits) exceed the grid limit of 2^31 - 1");
-  args.splits = plan.splits;
-  args.split_blocks = int(plan.chunk / Tr::kBlockN);
+  split_args.splits = plan.splits;
+  split_args.split_blocks = int(plan.chunk / Tr::kBlockN);
   SplitWorkspace workspace(p, plan.splits, stream);
-  args.partial = workspace.partial();
-  launch_fwd_mod<Tr, true>(p, args, blocks * plan.splits, device, stream);
+  split_args.partial = workspace.partial();
+  launch_fwd_mod<Tr, true>(p, args, split_args, blocks * plan.splits, device, stream);
   workspace.merge_into(p);
 }
 
