@@ -37,7 +37,11 @@ tail -5 "$OUT/decode.err"
 echo "== un-split forward, seqlen 8k (ours$([[ -x flashattn-gpu-bench-base ]] && echo ', then the branch point'))"
 timeout 45 python3 bench_sdpa.py --ours ./flashattn-gpu-bench --out "$OUT" --name prefill --seqlens 8192
 if [[ -x flashattn-gpu-bench-base ]]; then
-  timeout 45 python3 bench_sdpa.py --ours ./flashattn-gpu-bench-base --out /tmp --name prefill-base --seqlens 8192
+  echo "-- A/B, alternating: base, ours, base, ours (d 64 and 128, non-causal 8k, TFLOP/s)"
+  for bin in flashattn-gpu-bench-base flashattn-gpu-bench flashattn-gpu-bench-base flashattn-gpu-bench; do
+    timeout 30 ./$bin --warmup 5 --iters 30 --case 2,8192,32,64,0 --case 2,8192,16,128,0 | python3 -c "import sys, json
+print('$bin', ' '.join('d%d %.1f' % (r['head_dim'], r['tflops']) for r in map(json.loads, sys.stdin)))"
+  done
 fi
 
 echo "== compute-sanitizer memcheck (split-KV tests)"
