@@ -1,12 +1,21 @@
 // flashattn-gpu-bench: times flashattn::forward on CUDA tensors.
 //
-//   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] --case B,S,H,D,CAUSAL [--case ...]
+//   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] [--read-bandwidth MiB]
+//                       [--rotate-kv] --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
 //
-// Each case is (batch, seqlen, heads, head_dim, causal 0/1) with seqlen_q = seqlen_k. Inputs are
-// random (never zeros: zeros run faster than real data), every iteration is timed with its own
-// pair of CUDA events, and one JSON object per case is printed:
-//   {"batch":..,"seqlen":..,"heads":..,"head_dim":..,"causal":..,"ms":median,"ms_min":..,"tflops":..}
-// FLOPs = 4 * b * h * s * s * d, halved for causal (the FlashAttention papers' convention).
+// Each case is (batch, seqlen_k, heads, head_dim, causal 0/1), optionally kv heads HK (0 or absent:
+// = heads), seqlen_q SQ (0 or absent: = seqlen_k; 1 for a decode step) and options.num_splits
+// SPLITS (absent: 0, the heuristic). Inputs are random (never zeros: zeros run faster than real
+// data), every iteration is timed with its own pair of CUDA events, and one JSON object per case
+// is printed:
+//   {"batch":..,"seqlen":..,"seqlen_q":..,"heads":..,"heads_k":..,"head_dim":..,"causal":..,
+//    "num_splits":..,"ms":median,"ms_min":..,"tflops":..,"bytes":..,"tbps":..}
+// FLOPs = 4 * b * h * sq * sk * d, halved for causal (the FlashAttention papers' convention);
+// bytes = q + k + v + out once (the memory-bound floor of decoding), tbps = bytes / median.
+// --rotate-kv: when a case's K/V is not several times the L2 size, copies of it are rotated so that
+// every call reads its K/V from HBM (decoding: what a real step does).
+// --read-bandwidth N: first times a plain streaming read of N MiB (16-byte loads, nothing stored
+// but one word per block) and prints {"read_tbps":..}, the read-only ceiling.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -53,15 +62,42 @@ __global__ void fill_random(uint16_t* x, int64_t n, uint64_t seed, bool bf16) {
   }
 }
 
+// Reads n 16-byte vectors, keeps 4 loads in flight per thread, stores one word per block (so
+// the loads are not dead code): the read-only HBM ceiling.
+__global__ void read_stream(const uint4* __restrict__ x, int64_t n, uint32_t* __restrict__ sink) {
+  uint32_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    const uint4 a = x[i], b = x[i + stride], c = x[i + 2 * stride], d = x[i + 3 * stride];
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n; i += stride) {
+    const uint4 a = x[i];
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  acc = __reduce_xor_sync(0xffffffffu, acc);
+  if (threadIdx.x % 32 == 0) atomicXor(sink + blockIdx.x, acc);
+}
+
 struct Case {
   int batch, seqlen, heads, head_dim;
   bool causal;
+  int heads_k = 0, seqlen_q = 0, num_splits = 0;
 };
+
+template <typename T>
+float median_of(std::vector<T> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   int warmup = 5, iters = 20;
+  int64_t read_mib = 0;
+  bool rotate_kv = false;
   flashattn::DType dtype = flashattn::DType::bf16;
   std::vector<Case> cases;
   for (int i = 1; i < argc; ++i) {
@@ -73,17 +109,26 @@ int main(int argc, char** argv) {
     if (a == "--warmup") warmup = std::stoi(next());
     else if (a == "--iters") iters = std::stoi(next());
     else if (a == "--dtype") dtype = next() == "fp16" ? flashattn::DType::f16 : flashattn::DType::bf16;
+    else if (a == "--read-bandwidth") read_mib = std::stoll(next());
+    else if (a == "--rotate-kv") rotate_kv = true;
     else if (a == "--case") {
       Case c{};
       int causal = 0;
-      if (std::sscanf(next().c_str(), "%d,%d,%d,%d,%d", &c.batch, &c.seqlen, &c.heads, &c.head_dim, &causal) != 5) {
-        std::fprintf(stderr, "--case wants B,S,H,D,CAUSAL\n");
+      const int n = std::sscanf(next().c_str(), "%d,%d,%d,%d,%d,%d,%d,%d", &c.batch, &c.seqlen, &c.heads, &c.head_dim,
+                                &causal, &c.heads_k, &c.seqlen_q, &c.num_splits);
+      if (n < 5) {
+        std::fprintf(stderr, "--case wants B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]]\n");
         return 2;
       }
       c.causal = causal != 0;
+      if (c.heads_k <= 0) c.heads_k = c.heads;
+      if (c.seqlen_q <= 0) c.seqlen_q = c.seqlen;
       cases.push_back(c);
     } else {
-      std::fprintf(stderr, "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] --case B,S,H,D,CAUSAL ...\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--read-bandwidth MiB] [--rotate-kv] "
+                   "--case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] ...\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -93,35 +138,81 @@ int main(int argc, char** argv) {
   }
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
+  if (read_mib > 0) {
+    const int64_t n = read_mib * (1 << 20) / 16;
+    uint4* x;
+    uint32_t* sink;
+    int sms = 0;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int blocks = sms * 8;
+    CHECK(cudaMalloc(&x, n * 16));
+    CHECK(cudaMalloc(&sink, blocks * 4));
+    fill_random<<<1024, 256, 0, stream>>>(reinterpret_cast<uint16_t*>(x), n * 8, 7, true);
+    std::vector<cudaEvent_t> ev(2 * iters);
+    for (auto& e : ev) CHECK(cudaEventCreate(&e));
+    for (int i = 0; i < warmup; ++i) read_stream<<<blocks, 256, 0, stream>>>(x, n, sink);
+    for (int i = 0; i < iters; ++i) {
+      CHECK(cudaEventRecord(ev[2 * i], stream));
+      read_stream<<<blocks, 256, 0, stream>>>(x, n, sink);
+      CHECK(cudaEventRecord(ev[2 * i + 1], stream));
+    }
+    CHECK(cudaGetLastError());
+    CHECK(cudaStreamSynchronize(stream));
+    std::vector<float> ms(iters);
+    for (int i = 0; i < iters; ++i) CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+    std::printf("{\"read_mib\":%lld,\"read_ms\":%.5f,\"read_tbps\":%.3f}\n", (long long)read_mib, median_of(ms),
+                double(n) * 16 / (median_of(ms) * 1e-3) / 1e12);
+    std::fflush(stdout);
+    for (auto& e : ev) CHECK(cudaEventDestroy(e));
+    CHECK(cudaFree(x));
+    CHECK(cudaFree(sink));
+  }
+  int64_t l2_bytes = 0;
+  {
+    int l2 = 0;
+    CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+    l2_bytes = l2;
+  }
   for (const Case& c : cases) {
-    const int64_t n = int64_t(c.batch) * c.seqlen * c.heads * c.head_dim;
-    uint16_t *q, *k, *v, *o;
+    const int64_t nq = int64_t(c.batch) * c.seqlen_q * c.heads * c.head_dim;
+    const int64_t nkv = int64_t(c.batch) * c.seqlen * c.heads_k * c.head_dim;
+    // Enough K/V copies that one call's K/V is gone from L2 when its turn comes again.
+    const int copies =
+        rotate_kv ? int(std::min<int64_t>(64, std::max<int64_t>(1, (4 * l2_bytes + 4 * nkv - 1) / (4 * nkv)))) : 1;
+    uint16_t *q, *o;
+    std::vector<uint16_t*> k(copies), v(copies);
     float* lse;
-    CHECK(cudaMalloc(&q, n * 2));
-    CHECK(cudaMalloc(&k, n * 2));
-    CHECK(cudaMalloc(&v, n * 2));
-    CHECK(cudaMalloc(&o, n * 2));
-    CHECK(cudaMalloc(&lse, int64_t(c.batch) * c.heads * c.seqlen * 4));
+    CHECK(cudaMalloc(&q, nq * 2));
+    CHECK(cudaMalloc(&o, nq * 2));
+    CHECK(cudaMalloc(&lse, int64_t(c.batch) * c.heads * c.seqlen_q * 4));
     const bool bf16 = dtype == flashattn::DType::bf16;
-    fill_random<<<1024, 256, 0, stream>>>(q, n, 1, bf16);
-    fill_random<<<1024, 256, 0, stream>>>(k, n, 2, bf16);
-    fill_random<<<1024, 256, 0, stream>>>(v, n, 3, bf16);
+    fill_random<<<1024, 256, 0, stream>>>(q, nq, 1, bf16);
+    for (int i = 0; i < copies; ++i) {
+      CHECK(cudaMalloc(&k[i], nkv * 2));
+      CHECK(cudaMalloc(&v[i], nkv * 2));
+      fill_random<<<1024, 256, 0, stream>>>(k[i], nkv, 2 + 2 * i, bf16);
+      fill_random<<<1024, 256, 0, stream>>>(v[i], nkv, 3 + 2 * i, bf16);
+    }
     CHECK(cudaGetLastError());
     const flashattn::Device dev = flashattn::Device::cuda(0);
     using flashattn::Tensor;
-    const Tensor tq = Tensor::contiguous(q, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev);
-    const Tensor tk = Tensor::contiguous(k, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev);
-    const Tensor tv = Tensor::contiguous(v, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev);
-    const Tensor to = Tensor::contiguous(o, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev);
-    const Tensor tl = Tensor::contiguous(lse, flashattn::DType::f32, {c.batch, c.heads, c.seqlen}, dev);
+    const Tensor tq = Tensor::contiguous(q, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
+    const Tensor to = Tensor::contiguous(o, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
+    const Tensor tl = Tensor::contiguous(lse, flashattn::DType::f32, {c.batch, c.heads, c.seqlen_q}, dev);
+    auto kv = [&](uint16_t* p) {
+      return Tensor::contiguous(p, dtype, {c.batch, c.seqlen, c.heads_k, c.head_dim}, dev);
+    };
     flashattn::Options opt;
     opt.causal = c.causal;
+    opt.num_splits = c.num_splits;
     opt.stream = stream;
     std::vector<cudaEvent_t> ev(2 * iters);
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
     try {
-      for (int i = 0; i < warmup; ++i) flashattn::forward(tq, tk, tv, to, tl, opt);
+      for (int i = 0; i < warmup; ++i) flashattn::forward(tq, kv(k[i % copies]), kv(v[i % copies]), to, tl, opt);
       for (int i = 0; i < iters; ++i) {
+        const int j = (warmup + i) % copies;
+        const Tensor tk = kv(k[j]), tv = kv(v[j]);
         CHECK(cudaEventRecord(ev[2 * i], stream));
         flashattn::forward(tq, tk, tv, to, tl, opt);
         CHECK(cudaEventRecord(ev[2 * i + 1], stream));
@@ -133,18 +224,23 @@ int main(int argc, char** argv) {
     CHECK(cudaStreamSynchronize(stream));
     std::vector<float> ms(iters);
     for (int i = 0; i < iters; ++i) CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
-    std::sort(ms.begin(), ms.end());
-    const double med = ms[iters / 2];
-    const double flops = 4.0 * c.batch * c.heads * double(c.seqlen) * c.seqlen * c.head_dim / (c.causal ? 2 : 1);
-    std::printf("{\"batch\":%d,\"seqlen\":%d,\"heads\":%d,\"head_dim\":%d,\"causal\":%s,\"dtype\":\"%s\","
-                "\"ms\":%.5f,\"ms_min\":%.5f,\"tflops\":%.2f}\n",
-                c.batch, c.seqlen, c.heads, c.head_dim, c.causal ? "true" : "false", bf16 ? "bf16" : "fp16", med,
-                double(ms[0]), flops / (med * 1e-3) / 1e12);
+    const double med = median_of(ms), fastest = *std::min_element(ms.begin(), ms.end());
+    const double flops =
+        4.0 * c.batch * c.heads * double(c.seqlen_q) * c.seqlen * c.head_dim / (c.causal ? 2 : 1);
+    const double bytes = 2.0 * (2 * nq + 2 * nkv);  // q, out, k, v: 2 bytes an element
+    std::printf("{\"batch\":%d,\"seqlen\":%d,\"seqlen_q\":%d,\"heads\":%d,\"heads_k\":%d,\"head_dim\":%d,"
+                "\"causal\":%s,\"num_splits\":%d,\"dtype\":\"%s\",\"kv_copies\":%d,\"ms\":%.5f,\"ms_min\":%.5f,"
+                "\"tflops\":%.2f,\"bytes\":%.0f,\"tbps\":%.4f}\n",
+                c.batch, c.seqlen, c.seqlen_q, c.heads, c.heads_k, c.head_dim, c.causal ? "true" : "false",
+                c.num_splits, bf16 ? "bf16" : "fp16", copies, med, fastest, flops / (med * 1e-3) / 1e12, bytes,
+                bytes / (med * 1e-3) / 1e12);
     std::fflush(stdout);
     for (auto& e : ev) CHECK(cudaEventDestroy(e));
     CHECK(cudaFree(q));
-    CHECK(cudaFree(k));
-    CHECK(cudaFree(v));
+    for (int i = 0; i < copies; ++i) {
+      CHECK(cudaFree(k[i]));
+      CHECK(cudaFree(v[i]));
+    }
     CHECK(cudaFree(o));
     CHECK(cudaFree(lse));
   }

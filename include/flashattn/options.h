@@ -19,6 +19,12 @@ struct Options {
   float softcap = 0.0f;
   // fp32 slopes, shape (heads) or (batch, heads): adds -slope * |i + seqlen_k - seqlen_q - j|.
   std::optional<Tensor> alibi_slopes;
+  // Forward only: int32 (batch), on the tensors' device. Sequence b attends only the first
+  // seqused_k[b] of its keys, as if k/v ended there (flash_attn_with_kvcache's cache_seqlens): a
+  // fixed-size KV cache filled to a different length per sequence. Causal / window / ALiBi align
+  // on that length. Each value must lie in [0, seqlen_k] (varlen: [0, that sequence's keys]);
+  // CPU tensors are checked, CUDA ones trusted (reading them would synchronise the host).
+  std::optional<Tensor> seqused_k;
   // Backward: bitwise-identical results run to run.
   bool deterministic = false;
 

@@ -28,6 +28,9 @@ struct AttnParams {
   // Varlen: sequence b owns rows [cu[b], cu[b+1]). Null for a fixed batch.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  // Keys sequence b uses: the first seqused_k[b] of its rows (a KV cache filled to that length).
+  // Null: all of them. seqlen_k (and cu_seqlens_k) still give where each sequence's rows are.
+  const int32_t* seqused_k = nullptr;
   int64_t total_q = 0;  // rows of q in all (varlen), batch * seqlen_q otherwise
 
   const void* q = nullptr;
@@ -59,6 +62,7 @@ struct AttnParams {
     return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q;
   }
   FA_HOST_DEVICE int64_t len_k(int b) const {
+    if (seqused_k) return seqused_k[b];
     return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k;
   }
   FA_HOST_DEVICE Mask mask(int b) const {

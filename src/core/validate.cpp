@@ -121,6 +121,27 @@ void check_cu_seqlens(const Tensor& cu, const char* name, int batch, int64_t tot
     throw Error(name, "last value <= the number of packed rows (" + str(total_rows) + ")", str(c[batch]));
 }
 
+// seqused_k: int32 (batch); on the CPU every value within its sequence's keys.
+void check_seqused_k(const Options& o, AttnParams& p) {
+  if (!o.seqused_k) return;
+  const Tensor& t = *o.seqused_k;
+  check_defined(t, "seqused_k");
+  check_dtype(t, "seqused_k", DType::i32, "(keys used per sequence)");
+  check_device(t, "seqused_k", p.device);
+  check_rank(t, "seqused_k", 1, "(batch)");
+  if (t.shape[0] != p.batch) throw Error("seqused_k", "length batch = " + str(p.batch), t.shape_string());
+  if (t.stride[0] != 1 && t.shape[0] > 1)
+    throw Error("seqused_k", "a contiguous tensor", "stride " + str(t.stride[0]));
+  p.seqused_k = static_cast<const int32_t*>(t.data);
+  if (p.device.kind != DeviceKind::cpu) return;  // on CUDA the values are trusted, as cu_seqlens are
+  for (int b = 0; b < p.batch; ++b) {
+    const int64_t keys = p.cu_seqlens_k ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b] : p.seqlen_k;
+    if (p.seqused_k[b] < 0 || p.seqused_k[b] > keys)
+      throw Error("seqused_k", "values in [0, " + str(keys) + "] (the keys of sequence " + str(b) + ")",
+                  str(p.seqused_k[b]) + " at index " + str(b));
+  }
+}
+
 void check_alibi(const Options& o, AttnParams& p) {
   if (!o.alibi_slopes) return;
   const Tensor& a = *o.alibi_slopes;
@@ -167,6 +188,7 @@ void check_options(const Options& o, AttnParams& p) {
   p.num_splits = o.num_splits;
   p.stream = o.stream;
   check_alibi(o, p);
+  check_seqused_k(o, p);
 }
 
 // Checks an output-like tensor against the shape its input defines.
@@ -327,6 +349,9 @@ BwdParams check_backward(const Tensor& dout, const Tensor& q, const Tensor& k, c
                          const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk,
                          const Tensor& dv, const Options& options, const VarlenLayout* layout) {
   BwdParams p;
+  if (options.seqused_k)
+    throw Error("seqused_k", "unset in the backward (it serves decoding with a KV cache, a forward-only use)",
+                "a tensor");
   static_cast<AttnParams&>(p) = check_forward(q, k, v, out, lse, options, layout);
   const bool varlen = layout != nullptr;
   check_like(dout, "dout", out, "out", p.dtype, p.device);

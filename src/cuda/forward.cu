@@ -2,6 +2,7 @@
 // instantiated head dim, and launches on the tensors' device and the caller's stream.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/backend.h"
@@ -52,23 +53,35 @@ void check_rows_aligned(const char* name, const void* data, const Strides& s, in
                     std::to_string(s.head) + ")");
 }
 
+// Decoding (few packed query rows per kv head): the decode kernel, which reads each K/V byte once
+// per kv head. FLASHATTN_CUDA_DECODE=0 sends everything to the main kernel (tests, benchmarks).
+bool use_decode_kernel(const AttnParams& p) {
+  const char* knob = std::getenv("FLASHATTN_CUDA_DECODE");
+  if (knob && knob[0] == '0') return false;
+  return p.seqlen_q * p.group_size() <= sm80::kDecodeMaxPackedRows;
+}
+
 template <typename T>
 void run_head_dim(int hdim, const AttnParams& p, int device, cudaStream_t stream) {
+  const bool decode = use_decode_kernel(p);
   switch (hdim) {
 #if FLASHATTN_CUDA_HDIM_64
-    case 64: return sm80::run_fwd<64, T>(p, device, stream);
+    case 64: return decode ? sm80::run_decode<64, T>(p, device, stream) : sm80::run_fwd<64, T>(p, device, stream);
 #endif
 #if FLASHATTN_CUDA_HDIM_96
-    case 96: return sm80::run_fwd<96, T>(p, device, stream);
+    case 96: return decode ? sm80::run_decode<96, T>(p, device, stream) : sm80::run_fwd<96, T>(p, device, stream);
 #endif
 #if FLASHATTN_CUDA_HDIM_128
-    case 128: return sm80::run_fwd<128, T>(p, device, stream);
+    case 128:
+      return decode ? sm80::run_decode<128, T>(p, device, stream) : sm80::run_fwd<128, T>(p, device, stream);
 #endif
 #if FLASHATTN_CUDA_HDIM_192
-    case 192: return sm80::run_fwd<192, T>(p, device, stream);
+    case 192:
+      return decode ? sm80::run_decode<192, T>(p, device, stream) : sm80::run_fwd<192, T>(p, device, stream);
 #endif
 #if FLASHATTN_CUDA_HDIM_256
-    case 256: return sm80::run_fwd<256, T>(p, device, stream);
+    case 256:
+      return decode ? sm80::run_decode<256, T>(p, device, stream) : sm80::run_fwd<256, T>(p, device, stream);
 #endif
     default: break;
   }

@@ -366,6 +366,8 @@ void forward(const Tensor& q_t, const Tensor& k_t, const Tensor& v_t, const Tens
              const Tensor& lse_t, const Options& options) {
   const AttnParams p = core::check_forward(q_t, k_t, v_t, out_t, lse_t, options, nullptr);
   require_cpu(p);
+  if (p.seqused_k)  // the baseline materialises whole sequences
+    throw Error("seqused_k", "unset for the standard attention (run it on the used keys' views)", "a tensor");
   const int threads = threads_of(p);
   const GemmThreads gemm_threads(threads);
   const Problem pr{p};

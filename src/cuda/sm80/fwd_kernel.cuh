@@ -12,6 +12,9 @@
 //
 // Semantics come from core/params.h and core/mask.h (shared with the CPU and the oracle):
 // bottom-right causal/window, varlen offsets, GQA, strides; an empty row gives O = 0, LSE = -inf.
+//
+// Split-KV (kSplit): CTA (..., split) walks only the key blocks of its split and writes O / l and
+// the LSE in fp32 to the split's partial slot; the merge kernel combines the splits (split_kv.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +25,7 @@
 #include "core/params.h"
 #include "cuda/common/ptx.h"
 #include "cuda/sm80/tile_size.h"
+#include "cuda/split_kv.h"
 
 namespace flashattn::cuda::sm80 {
 
@@ -62,6 +66,14 @@ struct FwdArgs {
   int group = 1;           // query heads per kv head
   int m_blocks = 0;        // query blocks per (sequence, head)
   float scale_log2 = 0;    // softmax_scale * log2(e)
+};
+
+// Split-KV only (kSplit): split c owns key blocks [c * split_blocks, (c + 1) * split_blocks). A
+// parameter of its own, so that the un-split kernel's code stays exactly what it was.
+struct FwdSplitArgs {
+  int splits = 1;
+  int split_blocks = 0;
+  PartialOut partial;
 };
 
 namespace detail {
@@ -118,10 +130,12 @@ __device__ __forceinline__ float quad_sum(float x) {
 }  // namespace detail
 
 // kScoreMod: softcap and/or ALiBi present. A separate instantiation keeps their code (tanh,
-// per-element distances) out of the plain kernel's loop and register allocation.
-template <typename Tr, bool kScoreMod>
+// per-element distances) out of the plain kernel's loop and register allocation; kSplit likewise
+// keeps the split bookkeeping out of the plain kernel.
+template <typename Tr, bool kScoreMod, bool kSplit = false>
 __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_constant__ AttnParams p,
-                                                                  const FwdArgs args) {
+                                                                  const FwdArgs args,
+                                                                  const __grid_constant__ FwdSplitArgs split_args) {
   using T = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kRowPitch;
   constexpr int kMTiles = Tr::kMTiles, kNTiles = Tr::kNTiles, kDTiles = Tr::kDTiles;
@@ -136,6 +150,16 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   int64_t bid = blockIdx.x;
   const int m_block = args.m_blocks - 1 - int(bid % args.m_blocks);
   bid /= args.m_blocks;
+  int split = 0;
+  if constexpr (kSplit) {
+    split = int(bid % split_args.splits);
+    bid /= split_args.splits;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The merge, queued behind as a programmatic dependent, may become resident now; it waits
+    // for this grid's partials itself.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  }
   const int h = int(bid % p.heads);
   const int b = int(bid / p.heads);
   const int hk = h / args.group;
@@ -150,11 +174,21 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   // Keys any row of the block sees (both bounds are monotone in the row).
   const int64_t key_lo = mask.key_begin(m0);
   const int64_t key_hi = mask.key_end(m0 + rows - 1);
-  const int n_begin = int(key_lo / kBlockN);
-  const int n_end = key_hi > key_lo ? int((key_hi + kBlockN - 1) / kBlockN) : n_begin;
+  int n_begin = int(key_lo / kBlockN);
+  int n_end = key_hi > key_lo ? int((key_hi + kBlockN - 1) / kBlockN) : n_begin;
 
   T* out = static_cast<T*>(p.out);
   const int out_chunks = p.head_dim_v / 8;
+
+  if constexpr (kSplit) {  // only this split's key blocks; none: LSE_c = -inf (the merge skips O_c)
+    const int split_begin = split * split_args.split_blocks;
+    n_begin = n_begin > split_begin ? n_begin : split_begin;
+    n_end = n_end < split_begin + split_args.split_blocks ? n_end : split_begin + split_args.split_blocks;
+    if (n_end <= n_begin) {
+      for (int r = tid; r < rows; r += Tr::kThreads) *split_args.partial.lse_at(split, b, m0 + r, h) = kNegInf;
+      return;
+    }
+  }
 
   if (n_end <= n_begin) {  // every row of the block is empty: O = 0, LSE = -inf
     for (int idx = tid; idx < rows * out_chunks; idx += Tr::kThreads) {
@@ -377,31 +411,54 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
     }
   }
 
-  // Epilogue: O / l into this warp's own Q rows of smem (no other warp reads them), LSE out,
-  // then 16-byte coalesced stores of the valid rows and columns.
+  if constexpr (kSplit) {
+    // Split epilogue: O / l and LSE_c in fp32, straight from the registers (the 4 lanes of a row
+    // write 32 contiguous bytes per n8 tile).
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const float l = detail::quad_sum(row_sum[mt][hh]);
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      const int r = warp_row0 + mt * 16 + hh * 8 + g;
+      for (int hh = 0; hh < 2; ++hh) {
+        const float l = detail::quad_sum(row_sum[mt][hh]);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const int r = warp_row0 + mt * 16 + hh * 8 + g;
+        if (r >= rows) continue;
+        float* dst = split_args.partial.out_at(split, b, m0 + r, h);
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        *reinterpret_cast<uint32_t*>(smem_q + r * kPitch + dt * 8 + 2 * t) =
-            ptx::pack2<T>(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
-      if (t == 0 && r < rows)
-        p.lse[p.lse_offset(b, m0 + r, h)] = l > 0.0f ? (row_max[mt][hh] + log2f(l)) * detail::kLn2 : kNegInf;
+        for (int dt = 0; dt < kDTiles; ++dt)
+          if (dt * 8 < p.head_dim_v)
+            *reinterpret_cast<float2*>(dst + dt * 8 + 2 * t) =
+                make_float2(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
+        if (t == 0)
+          *split_args.partial.lse_at(split, b, m0 + r, h) =
+              l > 0.0f ? (row_max[mt][hh] + log2f(l)) * detail::kLn2 : kNegInf;
+      }
+  } else {
+    // Epilogue: O / l into this warp's own Q rows of smem (no other warp reads them), LSE out,
+    // then 16-byte coalesced stores of the valid rows and columns.
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float l = detail::quad_sum(row_sum[mt][hh]);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const int r = warp_row0 + mt * 16 + hh * 8 + g;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt)
+          *reinterpret_cast<uint32_t*>(smem_q + r * kPitch + dt * 8 + 2 * t) =
+              ptx::pack2<T>(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
+        if (t == 0 && r < rows)
+          p.lse[p.lse_offset(b, m0 + r, h)] = l > 0.0f ? (row_max[mt][hh] + log2f(l)) * detail::kLn2 : kNegInf;
+      }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < Tr::kWarpRows * Tr::kChunks / 32; ++i) {
+      const int idx = lane + i * 32;
+      const int r = warp_row0 + idx / Tr::kChunks;
+      const int chunk = idx % Tr::kChunks;
+      if (r < rows && chunk < out_chunks)
+        *reinterpret_cast<uint4*>(out + p.out_offset(b, m0 + r, h) + chunk * 8) =
+            *reinterpret_cast<const uint4*>(smem_q + r * kPitch + chunk * 8);
     }
-  __syncwarp();
-#pragma unroll
-  for (int i = 0; i < Tr::kWarpRows * Tr::kChunks / 32; ++i) {
-    const int idx = lane + i * 32;
-    const int r = warp_row0 + idx / Tr::kChunks;
-    const int chunk = idx % Tr::kChunks;
-    if (r < rows && chunk < out_chunks)
-      *reinterpret_cast<uint4*>(out + p.out_offset(b, m0 + r, h) + chunk * 8) =
-          *reinterpret_cast<const uint4*>(smem_q + r * kPitch + chunk * 8);
   }
 }
 

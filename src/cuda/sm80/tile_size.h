@@ -36,4 +36,24 @@ constexpr FwdTile fwd_tile(int head_dim, bool large_smem) {
   return large_smem ? FwdTile{128, 64, 8} : FwdTile{128, 32, 8};
 }
 
+// The decode kernel (sm80/decode_kernel.cuh): few packed query rows, long keys, memory-bound.
+// One m16 tile of packed rows per CTA; each warp streams its own 16-key blocks through a private
+// cp.async ring, so the K/V bytes in flight per SM are warps x (stages - 1) x 16 keys x 2 rows.
+struct DecodeTile {
+  int warps;   // warps per CTA, each taking every warps-th key block of the CTA's keys
+  int stages;  // depth of each warp's K/V ring (stages - 1 blocks in flight while one is used)
+
+  constexpr bool operator==(const DecodeTile&) const = default;
+};
+
+constexpr DecodeTile decode_tile(int head_dim) {
+  // 4 warps x 4 stages x 16 keys (K and V, padded rows) = 74 KB at d = 64: 2-3 CTAs per SM.
+  if (head_dim <= 64) return {4, 4};
+  // 3 stages: 83 KB (d = 96) / 106 KB (d = 128) of smem, so two CTAs share an H100 SM (228 KB):
+  // 2 x 4 warps x 2 blocks x 8.5 KB = 139 KB in flight per SM, far above what HBM latency needs.
+  if (head_dim <= 128) return {4, 3};
+  // d = 192 / 256: each stage is 12.5 / 16.5 KB per warp; 2 stages keep a CTA in A100's 163 KB.
+  return {4, 2};
+}
+
 }  // namespace flashattn::cuda::sm80
