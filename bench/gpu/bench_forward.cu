@@ -1,12 +1,15 @@
-// flashattn-gpu-bench: times flashattn::forward on CUDA tensors.
+// flashattn-gpu-bench: times flashattn::forward (or backward) on CUDA tensors.
 //
-//   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] --case B,S,H,D,CAUSAL [--case ...]
+//   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] [--backward [--deterministic]]
+//                       --case B,S,H,D,CAUSAL [--case ...]
 //
 // Each case is (batch, seqlen, heads, head_dim, causal 0/1) with seqlen_q = seqlen_k. Inputs are
 // random (never zeros: zeros run faster than real data), every iteration is timed with its own
 // pair of CUDA events, and one JSON object per case is printed:
-//   {"batch":..,"seqlen":..,"heads":..,"head_dim":..,"causal":..,"ms":median,"ms_min":..,"tflops":..}
-// FLOPs = 4 * b * h * s * s * d, halved for causal (the FlashAttention papers' convention).
+//   {"batch":..,"seqlen":..,"heads":..,"head_dim":..,"causal":..,"pass":"fwd"|"bwd","ms":median,"ms_min":..,"tflops":..}
+// FLOPs = 4 * b * h * s * s * d, halved for causal (the FlashAttention papers' convention); the
+// backward counts 2.5 times that. --backward runs the forward once for out/lse, then times
+// flashattn::backward alone (its workspace allocation, preprocess, main kernel and postprocess).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -62,6 +65,7 @@ struct Case {
 
 int main(int argc, char** argv) {
   int warmup = 5, iters = 20;
+  bool backward = false, deterministic = false;
   flashattn::DType dtype = flashattn::DType::bf16;
   std::vector<Case> cases;
   for (int i = 1; i < argc; ++i) {
@@ -73,6 +77,8 @@ int main(int argc, char** argv) {
     if (a == "--warmup") warmup = std::stoi(next());
     else if (a == "--iters") iters = std::stoi(next());
     else if (a == "--dtype") dtype = next() == "fp16" ? flashattn::DType::f16 : flashattn::DType::bf16;
+    else if (a == "--backward") backward = true;
+    else if (a == "--deterministic") deterministic = true;
     else if (a == "--case") {
       Case c{};
       int causal = 0;
@@ -83,7 +89,10 @@ int main(int argc, char** argv) {
       c.causal = causal != 0;
       cases.push_back(c);
     } else {
-      std::fprintf(stderr, "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] --case B,S,H,D,CAUSAL ...\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--backward [--deterministic]] "
+                   "--case B,S,H,D,CAUSAL ...\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -95,17 +104,24 @@ int main(int argc, char** argv) {
   CHECK(cudaStreamCreate(&stream));
   for (const Case& c : cases) {
     const int64_t n = int64_t(c.batch) * c.seqlen * c.heads * c.head_dim;
-    uint16_t *q, *k, *v, *o;
+    uint16_t *q, *k, *v, *o, *d_o = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
     float* lse;
     CHECK(cudaMalloc(&q, n * 2));
     CHECK(cudaMalloc(&k, n * 2));
     CHECK(cudaMalloc(&v, n * 2));
     CHECK(cudaMalloc(&o, n * 2));
     CHECK(cudaMalloc(&lse, int64_t(c.batch) * c.heads * c.seqlen * 4));
+    if (backward) {
+      CHECK(cudaMalloc(&d_o, n * 2));
+      CHECK(cudaMalloc(&dq, n * 2));
+      CHECK(cudaMalloc(&dk, n * 2));
+      CHECK(cudaMalloc(&dv, n * 2));
+    }
     const bool bf16 = dtype == flashattn::DType::bf16;
     fill_random<<<1024, 256, 0, stream>>>(q, n, 1, bf16);
     fill_random<<<1024, 256, 0, stream>>>(k, n, 2, bf16);
     fill_random<<<1024, 256, 0, stream>>>(v, n, 3, bf16);
+    if (backward) fill_random<<<1024, 256, 0, stream>>>(d_o, n, 4, bf16);
     CHECK(cudaGetLastError());
     const flashattn::Device dev = flashattn::Device::cuda(0);
     using flashattn::Tensor;
@@ -114,16 +130,25 @@ int main(int argc, char** argv) {
     const Tensor tv = Tensor::contiguous(v, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev);
     const Tensor to = Tensor::contiguous(o, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev);
     const Tensor tl = Tensor::contiguous(lse, flashattn::DType::f32, {c.batch, c.heads, c.seqlen}, dev);
+    auto view = [&](void* p) { return Tensor::contiguous(p, dtype, {c.batch, c.seqlen, c.heads, c.head_dim}, dev); };
     flashattn::Options opt;
     opt.causal = c.causal;
+    opt.deterministic = deterministic;
     opt.stream = stream;
+    auto run = [&] {
+      if (backward)
+        flashattn::backward(view(d_o), tq, tk, tv, to, tl, view(dq), view(dk), view(dv), opt);
+      else
+        flashattn::forward(tq, tk, tv, to, tl, opt);
+    };
     std::vector<cudaEvent_t> ev(2 * iters);
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
     try {
-      for (int i = 0; i < warmup; ++i) flashattn::forward(tq, tk, tv, to, tl, opt);
+      if (backward) flashattn::forward(tq, tk, tv, to, tl, opt);  // out and lse for the backward
+      for (int i = 0; i < warmup; ++i) run();
       for (int i = 0; i < iters; ++i) {
         CHECK(cudaEventRecord(ev[2 * i], stream));
-        flashattn::forward(tq, tk, tv, to, tl, opt);
+        run();
         CHECK(cudaEventRecord(ev[2 * i + 1], stream));
       }
     } catch (const std::exception& e) {
@@ -135,11 +160,13 @@ int main(int argc, char** argv) {
     for (int i = 0; i < iters; ++i) CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
     std::sort(ms.begin(), ms.end());
     const double med = ms[iters / 2];
-    const double flops = 4.0 * c.batch * c.heads * double(c.seqlen) * c.seqlen * c.head_dim / (c.causal ? 2 : 1);
+    const double flops = 4.0 * c.batch * c.heads * double(c.seqlen) * c.seqlen * c.head_dim / (c.causal ? 2 : 1) *
+                         (backward ? 2.5 : 1.0);
     std::printf("{\"batch\":%d,\"seqlen\":%d,\"heads\":%d,\"head_dim\":%d,\"causal\":%s,\"dtype\":\"%s\","
-                "\"ms\":%.5f,\"ms_min\":%.5f,\"tflops\":%.2f}\n",
-                c.batch, c.seqlen, c.heads, c.head_dim, c.causal ? "true" : "false", bf16 ? "bf16" : "fp16", med,
-                double(ms[0]), flops / (med * 1e-3) / 1e12);
+                "\"pass\":\"%s\",\"deterministic\":%s,\"ms\":%.5f,\"ms_min\":%.5f,\"tflops\":%.2f}\n",
+                c.batch, c.seqlen, c.heads, c.head_dim, c.causal ? "true" : "false", bf16 ? "bf16" : "fp16",
+                backward ? "bwd" : "fwd", backward && deterministic ? "true" : "false", med, double(ms[0]),
+                flops / (med * 1e-3) / 1e12);
     std::fflush(stdout);
     for (auto& e : ev) CHECK(cudaEventDestroy(e));
     CHECK(cudaFree(q));
@@ -147,6 +174,8 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(v));
     CHECK(cudaFree(o));
     CHECK(cudaFree(lse));
+    for (uint16_t* p : {d_o, dq, dk, dv})
+      if (p) CHECK(cudaFree(p));
   }
   CHECK(cudaStreamDestroy(stream));
   return 0;
