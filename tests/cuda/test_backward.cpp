@@ -220,8 +220,9 @@ class BwdProblem {
     }
     pl_.numel = int64_t(c.heads) * rows_q_;
 
+    // At least one element: an empty problem's host views still need a data pointer.
     auto random_bits = [&](int64_t n) {
-      std::vector<uint16_t> v(size_t(std::max<int64_t>(n, 0)));
+      std::vector<uint16_t> v(size_t(std::max<int64_t>(n, 1)));
       for (auto& x : v) x = to_bits(c.dtype, float(rng.normal()));
       return v;
     };

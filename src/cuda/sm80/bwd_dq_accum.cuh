@@ -6,17 +6,21 @@
 // to run.
 //
 // Deterministic (params.deterministic): the key blocks that see a query block add to it one at a
-// time, in increasing key-block order, ordered by one counter per (sequence, head, query block):
+// time, in decreasing key-block order, ordered by one counter per (sequence, head, query block):
 // the CTA of key block n waits until the counter equals its rank among those key blocks, adds, and
 // increments it. Each dQ element is then the same fp32 sum in the same order on every run.
 // Chosen over per-key-block partial buffers summed afterwards because it costs no memory (partials
-// would be n_blocks times the dQ workspace: 64 x 128 MiB at 16k tokens, 8k keys) and no extra pass;
-// its price is some waiting among the CTAs of one (sequence, kv head), which move through the query
-// blocks in the same order, a step apart.
-// It cannot deadlock: a CTA only waits for CTAs of smaller key blocks of the same (sequence, kv
-// head); the key block is the fastest-varying grid index, so they have smaller blockIdx.x, and the
-// GPU starts CTAs in blockIdx order: they already run or have finished, and they in turn only wait
-// for smaller ones. (FA3 and CUTLASS's semaphores rely on the same launch order.)
+// would be n_blocks times the dQ workspace: 64 x 128 MiB at 16k tokens, 8k keys) and no extra pass.
+// Its price is waiting: the CTAs of one (sequence, kv head) walk the query blocks in the same
+// order, each a step behind the one before it. Decreasing order keeps that step short under a
+// causal mask: a CTA's first query block is one that no higher key block sees, so it adds at once,
+// and every later one waits for a CTA that reached it earlier. (Increasing order would make key
+// block n wait at its first query block until key block 0 had walked all the way there.)
+// It cannot deadlock: a CTA only waits for CTAs of higher key blocks of the same (sequence, kv
+// head); the key block is the fastest-varying grid index, laid out in decreasing order in this
+// mode, so they have smaller blockIdx.x, and the GPU starts CTAs in blockIdx order: they already
+// run or have finished, and they in turn only wait for ones started earlier still. (FA3 and
+// CUTLASS's semaphores rely on the same launch order.)
 #pragma once
 
 #include <cstdint>

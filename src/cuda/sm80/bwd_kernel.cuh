@@ -34,16 +34,16 @@
 
 namespace flashattn::cuda::sm80 {
 
-template <int kHeadDim_, typename Element_, bool kLargeSmem_ = false>
+template <int kHeadDim_, typename Element_, BwdTile kTile_>
 struct BwdTraits {
   using Element = Element_;
-  static constexpr bool kLargeSmem = kLargeSmem_;
-  static constexpr BwdTile kTile = bwd_tile(kHeadDim_, kLargeSmem_);
+  static constexpr BwdTile kTile = kTile_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kWarps = kTile.warps;
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMinBlocks = kTile.min_blocks;
   static constexpr int kStages = kTile.stages;
   static constexpr int kChunks = kHeadDim / 8;     // 16-byte chunks per row
   // Rows of Q, dO, K, V (and of P, dS) get one extra 16-byte chunk: an odd number of chunks per
@@ -84,8 +84,7 @@ struct BwdTraits {
                 "tile loads and the dK/dV stores are whole 16-byte chunks per thread");
   static_assert(kBlockM / 2 <= kThreads, "LSE and D of a block load as 16-byte chunks, one per thread");
   static_assert(kStages == 1 || kStages == 2, "one or two Q/dO buffers");
-  static_assert(kSmemBytes <= (kLargeSmem ? kBwdLargeSmemBytes : kBwdSmallSmemBytes),
-                "must fit the shared memory per block of the targeted GPUs");
+  static_assert(kSmemBytes <= kBwdLargeSmemBytes, "must fit the shared memory per block of sm90");
 };
 
 namespace detail {
@@ -123,7 +122,7 @@ __device__ __forceinline__ int64_t first_true(int64_t lo, int64_t hi, Pred pred)
 // kScoreMod: softcap and/or ALiBi present (their code stays out of the plain kernel).
 // kDeterministic: dQ is added in key-block order (bwd_dq_accum.cuh).
 template <typename Tr, bool kScoreMod, bool kDeterministic>
-__global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams p,
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel(const __grid_constant__ BwdParams p,
                                                                      const BwdArgs args) {
   using T = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kRowPitch, kPPitch = Tr::kPPitch;
@@ -132,11 +131,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const __grid
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // row group and thread-in-group of the MMA fragments
 
-  // Block -> (key block, kv head, sequence); the key block varies fastest (the deterministic dQ
-  // order relies on it, see bwd_dq_accum.cuh), and under a causal mask key block 0 (the one most
-  // query blocks see) starts first.
+  // Block -> (key block, kv head, sequence), the key block varying fastest. Key block 0 (the one
+  // most query blocks see under a causal mask) starts first; in deterministic mode the last one
+  // does: key blocks add to dQ in decreasing order, and a CTA only ever waits for CTAs that
+  // started before it (bwd_dq_accum.cuh).
   int64_t bid = blockIdx.x;
-  const int n_block = int(bid % args.n_blocks);
+  const int n_block = kDeterministic ? args.n_blocks - 1 - int(bid % args.n_blocks) : int(bid % args.n_blocks);
   bid /= args.n_blocks;
   const int hk = int(bid % p.heads_k);
   const int b = int(bid / p.heads_k);
@@ -399,11 +399,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_kernel(const __grid
     }
     DqAccumulator<kDeterministic> dq_out;
     if constexpr (kDeterministic) {
-      // Rank of this key block among those the query block sees: they start at the block of the
-      // first key that the block's first non-empty row sees (empty rows only lead or trail).
-      const int64_t m_hi = m0 + rows;
-      const int64_t first = detail::first_true(m0, m_hi, [&](int64_t i) { return mask.key_end(i) > 0; });
-      const int rank = n_block - int(mask.key_begin(first) / kBlockN);
+      // Turn of this key block: the query block sees keys up to the last key of its last non-empty
+      // row (rows that see nothing only lead or trail), and the key blocks add from that one down.
+      const int64_t past_last =
+          detail::first_true(m0, m0 + rows, [&](int64_t i) { return mask.key_begin(i) >= len_k; });
+      const int rank = int((mask.key_end(past_last - 1) - 1) / kBlockN) - n_block;
       dq_out.begin(args.dq_semaphore + (int64_t(b) * p.heads + h) * args.m_blocks + m_block, rank);
     }
     float* dq_ws = args.dq_accum + args.ws_index(p, b, h, m0) * Tr::kHeadDim;

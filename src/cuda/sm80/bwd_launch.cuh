@@ -124,9 +124,10 @@ void run_bwd_tile(const BwdParams& p, int device, cudaStream_t stream) {
 
 template <int kHeadDim, typename T>
 void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
-  using Small = BwdTraits<kHeadDim, T, false>;
+  using Small = BwdTraits<kHeadDim, T, bwd_tile(kHeadDim, false)>;
+  static_assert(Small::kSmemBytes <= kBwdSmallSmemBytes, "the sm80 tile must fit A100's shared memory");
   if constexpr (bwd_tile(kHeadDim, true) != bwd_tile(kHeadDim, false)) {
-    using Large = BwdTraits<kHeadDim, T, true>;
+    using Large = BwdTraits<kHeadDim, T, bwd_tile(kHeadDim, true)>;
     // FLASHATTN_CUDA_SMALL_TILES=1 forces the sm80 tiles (lets an sm90 test run them too).
     const char* force_small = std::getenv("FLASHATTN_CUDA_SMALL_TILES");
     if (!(force_small && force_small[0] == '1') && max_smem_per_block(device) >= Large::kSmemBytes)

@@ -23,6 +23,7 @@ struct BwdTile {
   int dkv_warps_n;  // warps along the keys of dK / dV
   int dq_warps_m;   // warps along the queries of dQ
   int stages;       // Q/dO buffers: 2 lets the next query block's loads overlap this block's math
+  int min_blocks = 1;  // CTAs per SM the kernel is compiled for (__launch_bounds__)
 
   constexpr bool operator==(const BwdTile&) const = default;
 };
