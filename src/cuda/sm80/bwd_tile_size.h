@@ -40,7 +40,7 @@ constexpr BwdTile bwd_tile(int head_dim, bool large_smem) {
   // dK+dV = 96 registers; a 48-column dK/dV/dQ warp tile keeps whole 16-column ldmatrix loads.
   if (head_dim <= 96) return {64, 128, 8, 2, 4, 4, 2};
   // dK+dV = 128 and S+dP = 64 registers (FA2's H100 choice). 171 KB with two Q/dO stages: A100's
-  // 163 KB takes one stage (-7% on H100). Measured and dropped: 64x64 tiles of 4 warps, 2 CTAs
+  // 163 KB takes one stage (-8% on H100). Measured and dropped: 64x64 tiles of 4 warps, 2 CTAs
   // per SM (-22%), 128x64 (-23%).
   if (head_dim <= 128) return large_smem ? BwdTile{64, 128, 8, 2, 4, 2, 2} : BwdTile{64, 128, 8, 2, 4, 2, 1};
   // 128 keys would need 192+ registers of dK+dV: 64 keys, 32 keys x 48 columns per warp (96).
