@@ -13,10 +13,13 @@ DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 ROOT = Path(__file__).resolve().parent.parent
 INST = ROOT / "src" / "cuda" / "inst"
 
-# (file name prefix, launcher header, launcher function)
+# (file name prefix, launcher header, launcher function, its params type)
 KERNELS = [
-    ("fwd", "cuda/sm80/fwd_launch.cuh", "run_fwd"),
-    ("decode", "cuda/sm80/decode_launch.cuh", "run_decode"),
+    ("fwd", "cuda/sm80/fwd_launch.cuh", "run_fwd", "AttnParams"),
+    ("decode", "cuda/sm80/decode_launch.cuh", "run_decode", "AttnParams"),
+    # the backward: preprocess, main kernel (plain / softcap-ALiBi x atomic / deterministic dQ)
+    # and postprocess of one (head dim, dtype)
+    ("bwd", "cuda/sm80/bwd_launch.cuh", "run_bwd", "BwdParams"),
 ]
 
 TEMPLATE = """\
@@ -24,7 +27,7 @@ TEMPLATE = """\
 #include "{header}"
 
 namespace flashattn::cuda::sm80 {{
-template void {function}<{hdim}, {ctype}>(const AttnParams&, int, cudaStream_t);
+template void {function}<{hdim}, {ctype}>(const {params}&, int, cudaStream_t);
 }}  // namespace flashattn::cuda::sm80
 """
 
@@ -32,10 +35,12 @@ template void {function}<{hdim}, {ctype}>(const AttnParams&, int, cudaStream_t);
 def main() -> None:
     INST.mkdir(parents=True, exist_ok=True)
     wanted = set()
-    for (prefix, header, function), hdim, (dtype, ctype) in itertools.product(KERNELS, HEAD_DIMS, DTYPES.items()):
+    for (prefix, header, function, params), hdim, (dtype, ctype) in itertools.product(
+        KERNELS, HEAD_DIMS, DTYPES.items()
+    ):
         path = INST / f"{prefix}_sm80_hdim{hdim}_{dtype}.cu"
         wanted.add(path.name)
-        text = TEMPLATE.format(header=header, function=function, hdim=hdim, ctype=ctype)
+        text = TEMPLATE.format(header=header, function=function, params=params, hdim=hdim, ctype=ctype)
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")

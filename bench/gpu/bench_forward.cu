@@ -1,7 +1,8 @@
-// flashattn-gpu-bench: times flashattn::forward on CUDA tensors.
+// flashattn-gpu-bench: times flashattn::forward (or backward) on CUDA tensors.
 //
 //   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] [--read-bandwidth MiB]
-//                       [--rotate-kv] --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
+//                       [--rotate-kv] [--backward [--deterministic]]
+//                       --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
 //
 // Each case is (batch, seqlen_k, heads, head_dim, causal 0/1), optionally kv heads HK (0 or absent:
 // = heads), seqlen_q SQ (0 or absent: = seqlen_k; 1 for a decode step) and options.num_splits
@@ -12,6 +13,9 @@
 //    "num_splits":..,"ms":median,"ms_min":..,"tflops":..,"bytes":..,"tbps":..}
 // FLOPs = 4 * b * h * sq * sk * d, halved for causal (the FlashAttention papers' convention);
 // bytes = q + k + v + out once (the memory-bound floor of decoding), tbps = bytes / median.
+// --backward: runs the forward once for out/lse, then times flashattn::backward alone (workspace
+// allocation, preprocess, main kernel, postprocess); FLOPs count 2.5 times the forward's and the
+// JSON says "pass":"bwd".
 // --rotate-kv: when a case's K/V is not several times the L2 size, copies of it are rotated so that
 // every call reads its K/V from HBM (decoding: what a real step does).
 // --read-bandwidth N: first times a plain streaming read of N MiB (16-byte loads, nothing stored
@@ -98,6 +102,7 @@ int main(int argc, char** argv) {
   int warmup = 5, iters = 20;
   int64_t read_mib = 0;
   bool rotate_kv = false;
+  bool backward = false, deterministic = false;
   flashattn::DType dtype = flashattn::DType::bf16;
   std::vector<Case> cases;
   for (int i = 1; i < argc; ++i) {
@@ -111,6 +116,8 @@ int main(int argc, char** argv) {
     else if (a == "--dtype") dtype = next() == "fp16" ? flashattn::DType::f16 : flashattn::DType::bf16;
     else if (a == "--read-bandwidth") read_mib = std::stoll(next());
     else if (a == "--rotate-kv") rotate_kv = true;
+    else if (a == "--backward") backward = true;
+    else if (a == "--deterministic") deterministic = true;
     else if (a == "--case") {
       Case c{};
       int causal = 0;
@@ -127,6 +134,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--read-bandwidth MiB] [--rotate-kv] "
+                   "[--backward [--deterministic]] "
                    "--case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] ...\n",
                    argv[0]);
       return 2;
@@ -178,15 +186,23 @@ int main(int argc, char** argv) {
     const int64_t nkv = int64_t(c.batch) * c.seqlen * c.heads_k * c.head_dim;
     // Enough K/V copies that one call's K/V is gone from L2 when its turn comes again.
     const int copies =
-        rotate_kv ? int(std::min<int64_t>(64, std::max<int64_t>(1, (4 * l2_bytes + 4 * nkv - 1) / (4 * nkv)))) : 1;
+        rotate_kv && !backward ? int(std::min<int64_t>(64, std::max<int64_t>(1, (4 * l2_bytes + 4 * nkv - 1) / (4 * nkv)))) : 1;
     uint16_t *q, *o;
     std::vector<uint16_t*> k(copies), v(copies);
     float* lse;
     CHECK(cudaMalloc(&q, nq * 2));
     CHECK(cudaMalloc(&o, nq * 2));
     CHECK(cudaMalloc(&lse, int64_t(c.batch) * c.heads * c.seqlen_q * 4));
+    uint16_t *d_o = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
+    if (backward) {
+      CHECK(cudaMalloc(&d_o, nq * 2));
+      CHECK(cudaMalloc(&dq, nq * 2));
+      CHECK(cudaMalloc(&dk, nkv * 2));
+      CHECK(cudaMalloc(&dv, nkv * 2));
+    }
     const bool bf16 = dtype == flashattn::DType::bf16;
     fill_random<<<1024, 256, 0, stream>>>(q, nq, 1, bf16);
+    if (backward) fill_random<<<1024, 256, 0, stream>>>(d_o, nq, 4, bf16);
     for (int i = 0; i < copies; ++i) {
       CHECK(cudaMalloc(&k[i], nkv * 2));
       CHECK(cudaMalloc(&v[i], nkv * 2));
@@ -205,16 +221,27 @@ int main(int argc, char** argv) {
     flashattn::Options opt;
     opt.causal = c.causal;
     opt.num_splits = c.num_splits;
+    opt.deterministic = deterministic;
     opt.stream = stream;
+    auto qo = [&](uint16_t* p) {
+      return Tensor::contiguous(p, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
+    };
+    // One call on K/V copy j: the forward, or the backward of the forward run before timing.
+    auto run = [&](int j) {
+      if (backward)
+        flashattn::backward(qo(d_o), tq, kv(k[j]), kv(v[j]), to, tl, qo(dq), kv(dk), kv(dv), opt);
+      else
+        flashattn::forward(tq, kv(k[j]), kv(v[j]), to, tl, opt);
+    };
     std::vector<cudaEvent_t> ev(2 * iters);
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
     try {
-      for (int i = 0; i < warmup; ++i) flashattn::forward(tq, kv(k[i % copies]), kv(v[i % copies]), to, tl, opt);
+      if (backward) flashattn::forward(tq, kv(k[0]), kv(v[0]), to, tl, opt);  // out and lse
+      for (int i = 0; i < warmup; ++i) run(i % copies);
       for (int i = 0; i < iters; ++i) {
         const int j = (warmup + i) % copies;
-        const Tensor tk = kv(k[j]), tv = kv(v[j]);
         CHECK(cudaEventRecord(ev[2 * i], stream));
-        flashattn::forward(tq, tk, tv, to, tl, opt);
+        run(j);
         CHECK(cudaEventRecord(ev[2 * i + 1], stream));
       }
     } catch (const std::exception& e) {
@@ -225,14 +252,15 @@ int main(int argc, char** argv) {
     std::vector<float> ms(iters);
     for (int i = 0; i < iters; ++i) CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
     const double med = median_of(ms), fastest = *std::min_element(ms.begin(), ms.end());
-    const double flops =
-        4.0 * c.batch * c.heads * double(c.seqlen_q) * c.seqlen * c.head_dim / (c.causal ? 2 : 1);
+    const double flops = 4.0 * c.batch * c.heads * double(c.seqlen_q) * c.seqlen * c.head_dim /
+                         (c.causal ? 2 : 1) * (backward ? 2.5 : 1.0);
     const double bytes = 2.0 * (2 * nq + 2 * nkv);  // q, out, k, v: 2 bytes an element
     std::printf("{\"batch\":%d,\"seqlen\":%d,\"seqlen_q\":%d,\"heads\":%d,\"heads_k\":%d,\"head_dim\":%d,"
-                "\"causal\":%s,\"num_splits\":%d,\"dtype\":\"%s\",\"kv_copies\":%d,\"ms\":%.5f,\"ms_min\":%.5f,"
+                "\"causal\":%s,\"num_splits\":%d,\"dtype\":\"%s\",\"pass\":\"%s\",\"deterministic\":%s,\"kv_copies\":%d,\"ms\":%.5f,\"ms_min\":%.5f,"
                 "\"tflops\":%.2f,\"bytes\":%.0f,\"tbps\":%.4f}\n",
                 c.batch, c.seqlen, c.seqlen_q, c.heads, c.heads_k, c.head_dim, c.causal ? "true" : "false",
-                c.num_splits, bf16 ? "bf16" : "fp16", copies, med, fastest, flops / (med * 1e-3) / 1e12, bytes,
+                c.num_splits, bf16 ? "bf16" : "fp16", backward ? "bwd" : "fwd",
+                backward && deterministic ? "true" : "false", copies, med, fastest, flops / (med * 1e-3) / 1e12, bytes,
                 bytes / (med * 1e-3) / 1e12);
     std::fflush(stdout);
     for (auto& e : ev) CHECK(cudaEventDestroy(e));
@@ -243,6 +271,8 @@ int main(int argc, char** argv) {
     }
     CHECK(cudaFree(o));
     CHECK(cudaFree(lse));
+    for (uint16_t* p : {d_o, dq, dk, dv})
+      if (p) CHECK(cudaFree(p));
   }
   CHECK(cudaStreamDestroy(stream));
   return 0;

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Forward attention on the GPU: flashattn (through flashattn-gpu-bench) against PyTorch SDPA's
-flash (FA2) and cuDNN backends, on the FlashAttention papers' convention (DESIGN §6):
+"""Attention on the GPU, forward or (--bwd) backward: flashattn (through flashattn-gpu-bench) against
+PyTorch SDPA's flash (FA2) and cuDNN backends, on the FlashAttention papers' convention (DESIGN §6):
 16k tokens in total, model dim 2048, heads = 2048 / d, batch = 16384 / seqlen, bf16.
 
-    python3 bench/gpu/bench_sdpa.py --ours build/bench/gpu/flashattn-gpu-bench --out DIR
+    python3 bench/gpu/bench_sdpa.py --ours build/bench/gpu/flashattn-gpu-bench --out DIR [--bwd]
+
+The backward counts 2.5x the forward's FLOPs. SDPA's backward is timed as torch.autograd.grad of
+one recorded forward (retain_graph: the backward kernels alone); ours as flashattn::backward after
+one forward.
 
 Measures the device's ceilings first (bf16 GEMM rate, device-to-device copy bandwidth), times
 each config with CUDA events (median of --iters after --warmup), prints a Markdown table and
@@ -48,8 +52,18 @@ def ceilings(warmup, iters):
     return gemm, copy
 
 
-def flops(b, h, s, d, causal):
-    return 4 * b * h * s * s * d / (2 if causal else 1)
+def flops(b, h, s, d, causal, bwd=False):
+    return 4 * b * h * s * s * d / (2 if causal else 1) * (2.5 if bwd else 1.0)
+
+
+def sdpa_ms(q, k, v, causal, backend, bwd, warmup, iters):
+    with sdpa_kernel(backend):
+        if not bwd:
+            return median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), warmup, iters)
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        grad = torch.randn_like(out)
+        return median_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), warmup, iters)
 
 
 def main():
@@ -61,6 +75,8 @@ def main():
     ap.add_argument("--seqlens", default="1024,2048,4096,8192")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--name", default="bench", help="output files NAME.md and NAME.json")
+    ap.add_argument("--bwd", action="store_true", help="time the backward pass instead of the forward")
+    ap.add_argument("--deterministic", action="store_true", help="ours: deterministic backward")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -78,6 +94,8 @@ def main():
 
     # Ours: one process for all configs.
     cmd = [args.ours, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    if args.bwd:
+        cmd += ["--backward"] + (["--deterministic"] if args.deterministic else [])
     for b, s, h, d, c in configs:
         cmd += ["--case", f"{b},{s},{h},{d},{int(c)}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -97,13 +115,11 @@ def main():
                "ours_ms": ours[(b, s, h, d, causal)]["ms"]}
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
-                with sdpa_kernel(backend):
-                    row[f"{name}_ms"] = median_ms(
-                        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), args.warmup, args.iters)
+                row[f"{name}_ms"] = sdpa_ms(q, k, v, causal, backend, args.bwd, args.warmup, args.iters)
             except Exception as e:  # a backend that refuses the shape
                 row[f"{name}_ms"] = None
                 print(f"{name} failed for {row}: {e}", file=sys.stderr)
-        f = flops(b, h, s, d, causal)
+        f = flops(b, h, s, d, causal, args.bwd)
         for name in ("ours", "flash", "cudnn"):
             ms = row[f"{name}_ms"]
             row[f"{name}_tflops"] = f / (ms * 1e-3) / 1e12 if ms else None
@@ -114,6 +130,7 @@ def main():
         return "—" if x is None else f"{x:.{p}f}"
 
     lines = [
+        f"{'Backward' if args.bwd else 'Forward'}{' (ours deterministic)' if args.deterministic else ''}. "
         f"Device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
         f"bf16 GEMM ceiling {gemm:.0f} TFLOP/s, copy {copy:.2f} TB/s",
         "",
@@ -131,7 +148,7 @@ def main():
     print(table)
     (out / f"{args.name}.md").write_text(table + "\n")
     (out / f"{args.name}.json").write_text(json.dumps(
-        {"device": dev, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+        {"pass": "bwd" if args.bwd else "fwd", "device": dev, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
          "gemm_tflops": gemm, "copy_tbps": copy, "rows": rows}, indent=1))
 
 

@@ -131,12 +131,6 @@ void forward(const AttnParams& p) {
     run_head_dim<__half>(hdim, p, device, stream);
 }
 
-void backward(const BwdParams&) {
-  throw Unsupported(
-      "flashattn: CUDA backward: not implemented yet (the CUDA backend runs forward, forward_varlen and "
-      "merge; run the backward on CPU tensors for now)");
-}
-
 bool available() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {

@@ -1,0 +1,17 @@
+// The sm80 backward instantiations, one per (head dim, dtype), defined in src/cuda/inst/.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "core/params.h"
+
+namespace flashattn::cuda::sm80 {
+
+// Runs the backward (preprocess, main kernel, postprocess) on `device` (already current) for head
+// dims up to kHeadDim, with a stream-ordered fp32 workspace; no host synchronisation.
+template <int kHeadDim, typename T>
+void run_bwd(const BwdParams& p, int device, cudaStream_t stream);
+
+}  // namespace flashattn::cuda::sm80
