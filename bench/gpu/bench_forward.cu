@@ -5,7 +5,8 @@
 // Each case is (batch, seqlen, heads, head_dim, causal 0/1) with seqlen_q = seqlen_k. Inputs are
 // random (never zeros: zeros run faster than real data), every iteration is timed with its own
 // pair of CUDA events, and one JSON object per case is printed:
-//   {"batch":..,"seqlen":..,"heads":..,"head_dim":..,"causal":..,"ms":median,"ms_min":..,"tflops":..}
+//   {"batch":..,"seqlen":..,"heads":..,"head_dim":..,"causal":..,"ms":median,"ms_min":..,"tflops":..,
+//    "kernel":"flash_fwd_sm90<...>"}  (the kernel the dispatch ran; FLASHATTN_CUDA_FORWARD=sm80 forces sm80)
 // FLOPs = 4 * b * h * s * s * d, halved for causal (the FlashAttention papers' convention).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "core/validate.h"
+#include "cuda/backend.h"
 #include "flashattn/flashattn.h"
 
 namespace {
@@ -119,7 +122,9 @@ int main(int argc, char** argv) {
     opt.stream = stream;
     std::vector<cudaEvent_t> ev(2 * iters);
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
+    std::string kernel;
     try {
+      kernel = flashattn::cuda::forward_kernel(flashattn::core::check_forward(tq, tk, tv, to, tl, opt, nullptr));
       for (int i = 0; i < warmup; ++i) flashattn::forward(tq, tk, tv, to, tl, opt);
       for (int i = 0; i < iters; ++i) {
         CHECK(cudaEventRecord(ev[2 * i], stream));
@@ -137,9 +142,9 @@ int main(int argc, char** argv) {
     const double med = ms[iters / 2];
     const double flops = 4.0 * c.batch * c.heads * double(c.seqlen) * c.seqlen * c.head_dim / (c.causal ? 2 : 1);
     std::printf("{\"batch\":%d,\"seqlen\":%d,\"heads\":%d,\"head_dim\":%d,\"causal\":%s,\"dtype\":\"%s\","
-                "\"ms\":%.5f,\"ms_min\":%.5f,\"tflops\":%.2f}\n",
+                "\"ms\":%.5f,\"ms_min\":%.5f,\"tflops\":%.2f,\"kernel\":\"%s\"}\n",
                 c.batch, c.seqlen, c.heads, c.head_dim, c.causal ? "true" : "false", bf16 ? "bf16" : "fp16", med,
-                double(ms[0]), flops / (med * 1e-3) / 1e12);
+                double(ms[0]), flops / (med * 1e-3) / 1e12, kernel.c_str());
     std::fflush(stdout);
     for (auto& e : ev) CHECK(cudaEventDestroy(e));
     CHECK(cudaFree(q));

@@ -8,6 +8,9 @@
 #include "cuda/common/check.h"
 #include "cuda/sm80/launch.h"
 #include "flashattn/error.h"
+#if FLASHATTN_CUDA_SM90
+#include "cuda/sm90/dispatch.h"  // the Hopper forward (builds with the 90a arch)
+#endif
 
 namespace flashattn::cuda {
 namespace {
@@ -112,10 +115,26 @@ void forward(const AttnParams& p) {
   require_sm80(device, "the CUDA forward");
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) return;
   auto stream = static_cast<cudaStream_t>(p.stream);
+#if FLASHATTN_CUDA_SM90
+  // Hopper: the sm90a kernel wherever it covers the call (FLASHATTN_CUDA_FORWARD=sm80 opts out).
+  if (const sm90::Selection s = sm90::select(p, device); s.use) return sm90::run(p, s, device, stream);
+#endif
   if (p.dtype == DType::bf16)
     run_head_dim<__nv_bfloat16>(hdim, p, device, stream);
   else
     run_head_dim<__half>(hdim, p, device, stream);
+}
+
+std::string forward_kernel(const AttnParams& p) {
+  const int device = p.device.index;
+  DeviceGuard guard(device);
+#if FLASHATTN_CUDA_SM90
+  if (const sm90::Selection s = sm90::select(p, device); s.use) return s.kernel;
+#endif
+  const int need = std::max(p.head_dim, p.head_dim_v);
+  for (int d : kHeadDims)
+    if (d >= need) return "flash_fwd_sm80<hdim " + std::to_string(d) + ">";
+  return "none (no CUDA forward instantiated for head dim " + std::to_string(need) + ")";
 }
 
 void backward(const BwdParams&) {

@@ -1,0 +1,32 @@
+// What the sm90 forward kernel receives (one __grid_constant__ struct): four TMA tensor maps
+// built on the host (tensor_map.h) and the scalars of a fixed-length batch.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (a type only)
+
+#include <cstdint>
+
+#include "core/mask.h"
+
+namespace flashattn::cuda::sm90 {
+
+struct FwdParams {
+  // (head dim, rows, heads, batch) views of q, k, v and out; boxes of 64 columns x the tile's rows.
+  CUtensorMap tma_q;
+  CUtensorMap tma_k;
+  CUtensorMap tma_v;
+  CUtensorMap tma_o;  // box rows = 64: each consumer warpgroup stores its own rows
+
+  float* lse;  // lse[b * lse_batch_stride + h * lse_head_stride + i]
+  int64_t lse_batch_stride, lse_head_stride;
+
+  int seqlen_q, seqlen_k;  // every sequence of the batch
+  int heads, group;        // query heads, query heads per kv head
+  int m_blocks;            // query blocks per (sequence, head)
+  int64_t window_left, window_right;  // -1 = unbounded; causal is (-1 or left, 0)
+  float scale_log2;                   // softmax_scale * log2(e) > 0
+
+  __host__ __device__ Mask mask() const { return Mask{seqlen_q, seqlen_k, window_left, window_right}; }
+};
+
+}  // namespace flashattn::cuda::sm90
