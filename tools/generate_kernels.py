@@ -30,7 +30,7 @@ template void run_fwd<{hdim}, {ctype}>(const AttnParams&, int, cudaStream_t);
 SM90_HEAD_DIMS = [64, 128, 192, 256]  # 96 runs as 128 (zero-padded columns), see sm90/tile_size.h
 # N of the wgmma instructions: the key blocks of S = Q K^T (sm90/tile_size.h) and the head dims of
 # O += P V. Unused ones cost nothing (templates).
-SM90_WGMMA_N = [64, 80, 96, 112, 128, 176, 192, 256]
+SM90_WGMMA_N = [64, 80, 112, 128, 192, 256]
 SM90_PTX_TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 
 SM90_TEMPLATE = """\

@@ -299,6 +299,7 @@ struct Case {
   std::optional<float> scale;
   bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
   std::string force;         // FLASHATTN_CUDA_FORWARD for this case ("sm80"; empty: the dispatch picks)
+  int sm90_ctas = 0;         // FLASHATTN_SM90_MAX_CTAS: a small persistent grid, many tiles per CTA
   Layout layout = Layout::dense;
   std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
 
@@ -411,6 +412,7 @@ class ForwardRun {
     {
       ScopedEnv small_tiles("FLASHATTN_CUDA_SMALL_TILES", c.small_tiles ? "1" : "");
       ScopedEnv force("FLASHATTN_CUDA_FORWARD", c.force);
+      ScopedEnv ctas("FLASHATTN_SM90_MAX_CTAS", c.sm90_ctas > 0 ? std::to_string(c.sm90_ctas) : "");
       try {
         kernel = flashattn::cuda::forward_kernel(
             flashattn::core::check_forward(tq, tk, tv, to, tl, opt, varlen ? &vl : nullptr));
@@ -694,6 +696,36 @@ std::vector<Case> cases() {
       c.causal = l.causal;
       c.wl = l.wl;
       c.wr = l.wr;
+      v.push_back(c);
+    }
+  }
+  // The sm90 kernel's persistent grid capped at a few CTAs: each walks many tiles, the K/V ring and
+  // the Q buffer change hands across tiles, and tiles without keys (sq > sk, causal) come between.
+  {
+    struct Persist {
+      const char* name;
+      int d, sq, sk, batch, heads, heads_k, ctas;
+      DType dtype;
+      bool causal;
+    };
+    const Persist ps[] = {
+        {"persistent_d128_causal_3ctas", 128, 777, 1500, 2, 4, 2, 3, DType::f16, true},
+        {"persistent_d64_empty_tiles_2ctas", 64, 900, 200, 2, 3, 1, 2, DType::bf16, true},
+        {"persistent_d256_o_in_q_2ctas", 256, 500, 300, 1, 3, 3, 2, DType::bf16, true},
+        {"persistent_d128_1cta", 128, 300, 333, 3, 2, 2, 1, DType::bf16, false},
+    };
+    for (const Persist& x : ps) {
+      Case c;
+      c.name = x.name;
+      c.d = x.d;
+      c.sq = x.sq;
+      c.sk = x.sk;
+      c.batch = x.batch;
+      c.heads = x.heads;
+      c.heads_k = x.heads_k;
+      c.sm90_ctas = x.ctas;
+      c.dtype = x.dtype;
+      c.causal = x.causal;
       v.push_back(c);
     }
   }

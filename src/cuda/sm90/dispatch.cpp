@@ -43,8 +43,8 @@ Force forced() {
 
 Schedule schedule_from_env() {
   const char* v = std::getenv("FLASHATTN_SM90_SCHEDULE");
-  if (!v || !*v || std::strcmp(v, "pingpong") == 0) return Schedule::kPingPong;
-  if (std::strcmp(v, "overlap") == 0) return Schedule::kOverlap;
+  if (!v || !*v || std::strcmp(v, "overlap") == 0) return Schedule::kOverlap;
+  if (std::strcmp(v, "pingpong") == 0) return Schedule::kPingPong;
   if (std::strcmp(v, "serial") == 0) return Schedule::kSerial;
   throw Unsupported(std::string("flashattn: FLASHATTN_SM90_SCHEDULE=") + v + ": expected serial, overlap or pingpong");
 }
@@ -70,7 +70,7 @@ std::string coverage_problem(const AttnParams& p, int device, int* head_dim) {
       break;
     }
   if (!*head_dim) return "no sm90 instantiation for head dim " + std::to_string(need) + " in this build";
-  if (p.seqlen_q + p.seqlen_k >= INT_MAX) return "seqlen_q + seqlen_k >= 2^31";
+  if (p.seqlen_q + p.seqlen_k >= (int64_t(1) << 30)) return "seqlen_q + seqlen_k >= 2^30 (the kernel's key bounds are int)";
   const int block_m = fwd_tile(*head_dim).block_m;
   if ((p.seqlen_q + block_m - 1) / block_m * p.heads * p.batch > INT_MAX) return "more than 2^31 - 1 query blocks";
   if (!p.lse) return "no LSE output";
@@ -144,6 +144,16 @@ Selection select(const AttnParams& p, int device) {
   }
   s.use = true;
   s.plan.schedule = schedule_from_env();
+  // The persistent grid walks the tiles in static zig-zag rounds. Under a causal mask or a window
+  // the tiles of one head differ in cost up to m_blocks : 1, and with more than 32 query blocks per
+  // head the CTAs drifted apart (imbalance, K/V of many heads in L2): one CTA per tile, which the
+  // hardware hands out heavy-first, was faster there on the H100 (bench/gpu/HOPPER_NOTES.md, v3).
+  const bool masked = p.window_left >= 0 || p.window_right >= 0;
+  const int64_t m_blocks = (p.seqlen_q + fwd_tile(s.head_dim).block_m - 1) / fwd_tile(s.head_dim).block_m;
+  s.plan.persistent = !(masked && m_blocks > 32);
+  if (const char* persistent = std::getenv("FLASHATTN_SM90_PERSISTENT"); persistent && *persistent)
+    s.plan.persistent = std::strcmp(persistent, "0") != 0;
+  if (const char* max_ctas = std::getenv("FLASHATTN_SM90_MAX_CTAS")) s.plan.max_ctas = std::atoi(max_ctas);
   s.kernel = p.dtype == DType::bf16 ? name_for<__nv_bfloat16>(s.head_dim, s.plan) : name_for<__half>(s.head_dim, s.plan);
   return s;
 }

@@ -6,6 +6,9 @@
 // kernel does not cover an error that says why (tests use it to prove the sm90 path ran).
 // FLASHATTN_SM90_SCHEDULE = serial | overlap | pingpong picks the consumer schedule in builds
 // with FLASHATTN_SM90_ALL_SCHEDULES (benchmarks); other builds have only the default.
+// FLASHATTN_SM90_PERSISTENT=1 / 0 forces the persistent grid (one CTA per SM) / one CTA per tile
+// (measurements; by default masked calls with more than 32 query blocks per head take one per tile);
+// FLASHATTN_SM90_MAX_CTAS=n caps the persistent grid (tests give each CTA many tiles).
 #pragma once
 
 #include <cuda_runtime.h>

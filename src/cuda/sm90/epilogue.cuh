@@ -1,8 +1,12 @@
-// The epilogue of a consumer warpgroup: O / l rounded to the input dtype into its own Q rows of
-// shared memory (no other warpgroup reads them, and its last Q K^T has completed), in the 128-byte
-// swizzle of the O tensor map, then one TMA store per 64-column chunk (rows past the sequence and
-// columns past head_dim_v are clipped by the tensor map). LSE = ln2 * (m + log2 l) in fp32, or
-// -inf (with O = 0) for a row that saw no key.
+// The epilogue of a consumer warpgroup: O / l rounded to the input dtype into its 64 rows of the O
+// buffer, in the 128-byte swizzle of the O tensor map, then one TMA store per 64-column chunk (rows
+// past the sequence and columns past head_dim_v are clipped by the tensor map). LSE =
+// ln2 * (m + log2 l) in fp32, or -inf (with O = 0) for a row that saw no key.
+//
+// The O buffer is either its own (Tr::kSeparateO: the store runs on while the next tile computes;
+// the next epilogue first waits until it has read the buffer) or the warpgroup's own Q rows (no
+// other warpgroup reads them and its last Q K^T has completed; the producer may load the next Q
+// only after the store has read them, so the storing thread waits and then frees Q).
 #pragma once
 
 #include <cstdint>
@@ -35,26 +39,33 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
     lse[hh] = l > 0.0f ? (softmax.row_max[hh] + log2f(l)) * kLn2 : neg_inf();
   }
 
-  // Row r (of the warpgroup's 64) keeps 16-byte chunk c of a 128-byte row at position c ^ (r % 8).
-  uint8_t* smem_o = smem.q() + wg * 64 * Tr::kRowBytes;
+  uint8_t* smem_o = smem.o() + wg * 64 * Tr::kRowBytes;
+  if constexpr (Tr::kSeparateO) {
+    // The previous tile's store must have read the buffer before it is overwritten.
+    if (thread_in_wg == 0) ptx::tma_store_wait_read();
+    ptx::named_barrier_sync(kBarrierEpilogue0 + wg, 128);
+  }
+  // Row r (of the warpgroup's 64) keeps 16-byte chunk c of a 128-byte row at position c ^ (r % 8);
+  // this thread's rows are g and g + 8, so r % 8 = g for both. 32-bit shared addresses keep the
+  // per-thread address arithmetic small (it stays live across the persistent tile loop otherwise).
+  const uint32_t row_addr = ptx::smem_addr(smem_o) + (warp * 16 + g) * Tr::kRowBytes + t * 4;
 #pragma unroll
   for (int i = 0; i < Tr::kHeadDim / 8; ++i)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int r = warp * 16 + g + 8 * hh;
-      const int chunk = i / 8, c16 = i % 8;
-      uint8_t* dst = smem_o + chunk * Tr::kQChunkBytes + r * Tr::kRowBytes + ((c16 ^ (r % 8)) * 16) + t * 4;
-      *reinterpret_cast<uint32_t*>(dst) =
-          flashattn::cuda::ptx::pack2<T>(o[4 * i + 2 * hh] * inv[hh], o[4 * i + 2 * hh + 1] * inv[hh]);
+      const uint32_t addr = row_addr + (i / 8) * Tr::kQChunkBytes + hh * 8 * Tr::kRowBytes + (((i % 8) ^ g) * 16);
+      ptx::st_shared_u32(addr, flashattn::cuda::ptx::pack2<T>(o[4 * i + 2 * hh] * inv[hh],
+                                                              o[4 * i + 2 * hh + 1] * inv[hh]));
     }
   ptx::fence_proxy_async_smem();  // our st.shared -> the TMA engine's reads
   ptx::named_barrier_sync(kBarrierEpilogue0 + wg, 128);
   const int row0 = m0 + wg * 64;
   if (thread_in_wg == 0 && row0 < p.seqlen_q) {
 #pragma unroll
-    for (int ch = 0; ch < Tr::kChunks; ++ch) ptx::tma_store_4d(&p.tma_o, ch * 64, row0, h, b, smem_o + ch * Tr::kQChunkBytes);
-    ptx::tma_store_commit();
+    for (int ch = 0; ch < Tr::kChunks; ++ch)
+      ptx::tma_store_4d(&p.tma_o, ch * 64, row0, h, b, smem_o + ch * Tr::kQChunkBytes);
   }
+  if (thread_in_wg == 0) ptx::tma_store_commit();  // possibly an empty group: waits count groups
 
   if (t == 0) {
 #pragma unroll
@@ -63,8 +74,13 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
       if (row < p.seqlen_q) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row] = lse[hh];
     }
   }
-  // The shared memory must outlive the store's reads of it.
-  if (thread_in_wg == 0 && row0 < p.seqlen_q) ptx::tma_store_wait_read();
+  if constexpr (!Tr::kSeparateO) {
+    // O shares its rows with Q: free them once the store has read them.
+    if (thread_in_wg == 0) {
+      ptx::tma_store_wait_read();
+      ptx::mbarrier_arrive(smem.empty_q());
+    }
+  }
 }
 
 }  // namespace flashattn::cuda::sm90

@@ -1,9 +1,10 @@
 // FlashAttention forward for sm90a (Hopper): warp-specialised, TMA + wgmma.
 //
-// One CTA per (query block, head, sequence) of a fixed-length batch; kBlockM = 64 rows per
-// consumer warpgroup. Warpgroup 0 is the producer (producer.cuh): one thread TMA-loads Q once and
-// streams K and V blocks, last visible block first, through a kStages-deep shared-memory ring that
-// hands stages over on mbarriers (smem.cuh). It gives most of its registers away (setmaxnreg).
+// A persistent grid (at most one CTA per SM) walks the tiles (query block, head, sequence) of a
+// fixed-length batch (tile_scheduler.cuh); kBlockM = 64 rows per consumer warpgroup. Warpgroup 0 is
+// the producer (producer.cuh): one thread TMA-loads each tile's Q and streams K and V blocks, last
+// visible block first, through a kStages-deep shared-memory ring that hands stages over on mbarriers
+// (smem.cuh), running ahead into the next tile. It gives most of its registers away (setmaxnreg).
 // Each consumer warpgroup owns 64 query rows and, per key block:
 //   S = Q K^T          wgmma, A and B from shared memory, fp32 accumulators in registers
 //   mask               only blocks that cut some row's visible range (causal diagonal, edges)
@@ -16,8 +17,8 @@
 // turns between the two consumer warpgroups: each issues its GEMMs only after the other did, so
 // the tensor cores alternate between them and each softmax hides under the other's GEMMs.
 //
-// Semantics come from core/mask.h (bottom-right causal / window); an empty row gives O = 0 and
-// LSE = -inf.
+// Semantics are core/mask.h's (bottom-right causal / window, in int arithmetic in FwdParams); an
+// empty row gives O = 0 and LSE = -inf.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +31,7 @@
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/smem.cuh"
 #include "cuda/sm90/softmax.cuh"
+#include "cuda/sm90/tile_scheduler.cuh"
 
 namespace flashattn::cuda::sm90 {
 
@@ -39,11 +41,11 @@ struct Consumer {
 
   const FwdParams& p;
   const SmemView<Tr>& smem;
-  const BlockCoord& c;
   int wg;            // 0 .. kConsumerWGs - 1
   int thread_in_wg;  // 0 .. 127
-  Mask mask;
-  int64_t row0;      // sequence row of this thread's first row (the second is row0 + 8)
+  BlockCoord c;      // the current tile
+  int row0;          // sequence row of this thread's first row (the second is row0 + 8)
+  int it = 0;        // key blocks consumed so far, across tiles (ring position)
 
   float o[Tr::kHeadDim / 2];
   float s[Tr::kBlockN / 2];
@@ -68,52 +70,61 @@ struct Consumer {
   // Softmax of the scores of key block n (already in s), leaving P in s.
   __device__ __forceinline__ void scores_to_probs(int n, float (&alpha)[2]) {
     const int key0 = n * Tr::kBlockN;
-    if (!mask.block_fully_visible(c.m0, c.m0 + c.rows, key0, key0 + Tr::kBlockN))
-      mask_scores<Tr::kBlockN>(s, mask, row0, key0, thread_in_wg % 4);
+    if (!p.block_fully_visible(c.m0, c.m0 + c.rows, key0, key0 + Tr::kBlockN))
+      mask_scores<Tr::kBlockN>(s, p, row0, key0, thread_in_wg % 4);
     softmax.step(s, p.scale_log2, alpha);
   }
 
-  // Block `it` of the ring: wait until its K (V) landed; issue the GEMM that reads it.
-  __device__ void wait_k(int it) const {
-    const Slot<Tr> slot = Slot<Tr>::of(it);
+  // Ring block `ring` (a value of `it`): wait until its K (V) landed; issue the GEMM that reads it.
+  __device__ void wait_k(int ring) const {
+    const Slot<Tr> slot = Slot<Tr>::of(ring);
     ptx::mbarrier_wait(smem.full_k(slot.stage), slot.phase);
   }
-  __device__ void wait_v(int it) const {
-    const Slot<Tr> slot = Slot<Tr>::of(it);
+  __device__ void wait_v(int ring) const {
+    const Slot<Tr> slot = Slot<Tr>::of(ring);
     ptx::mbarrier_wait(smem.full_v(slot.stage), slot.phase);
   }
-  __device__ __forceinline__ void qk(int it) {
-    issue_qk<Tr>(s, smem_q_wg(), ptx::smem_addr(smem.k(Slot<Tr>::of(it).stage)));
+  __device__ __forceinline__ void qk(int ring) {
+    issue_qk<Tr>(s, smem_q_wg(), ptx::smem_addr(smem.k(Slot<Tr>::of(ring).stage)));
   }
-  __device__ __forceinline__ void pv(int it) {
-    issue_pv<Tr>(o, pfrag, ptx::smem_addr(smem.v(Slot<Tr>::of(it).stage)));
+  __device__ __forceinline__ void pv(int ring) {
+    issue_pv<Tr>(o, pfrag, ptx::smem_addr(smem.v(Slot<Tr>::of(ring).stage)));
   }
 
   __device__ void run() {
-#pragma unroll
-    for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] = 0.0f;
-    softmax.init();
     if constexpr (kPingPong) {
       // The first turn is warpgroup 0's: warpgroup 1 hands it over before it starts waiting.
       if (wg == 1) ptx::named_barrier_arrive(kBarrierPingPong0 + 0, 2 * 128);
     }
-    if (c.n_end > c.n_begin) {
-      ptx::mbarrier_wait(smem.full_q(), 0);
-      if constexpr (Tr::kSchedule == Schedule::kSerial)
-        mainloop_serial();
-      else
-        mainloop_overlapped();
+    uint32_t q_phase = 0;
+    for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x, q_phase ^= 1) {
+      c = tile_coord<Tr>(p, tile);
+      row0 = c.m0 + wg * 64 + (thread_in_wg / 32) * 16 + (thread_in_wg % 32) / 4;
+#pragma unroll
+      for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] = 0.0f;
+      softmax.init();
+      ptx::mbarrier_wait(smem.full_q(), q_phase);
+      if (c.has_keys()) {
+        if constexpr (Tr::kSchedule == Schedule::kSerial)
+          mainloop_serial();
+        else
+          mainloop_overlapped();
+      }
+      // With its own O buffer, Q is free as soon as the last Q K^T is done: the next tile's Q
+      // loads while this one's O is written out.
+      if constexpr (Tr::kSeparateO) release(smem.empty_q());
+      store_o<Tr>(p, smem, o, softmax, c.m0, c.h, c.b, wg, thread_in_wg);
     }
     if constexpr (kPingPong) {
       // Warpgroup 1 handed over one turn more than warpgroup 0 took: take it, so the barrier ends
       // the CTA balanced.
       if (wg == 0) ptx::named_barrier_sync(kBarrierPingPong0 + 0, 2 * 128);
     }
-    store_o<Tr>(p, smem, o, softmax, c.m0, c.h, c.b, wg, thread_in_wg);
+    // The last O stores must be complete before the CTA's shared memory goes away.
+    if (thread_in_wg == 0) ptx::tma_store_wait_all();
   }
 
   __device__ __forceinline__ void mainloop_serial() {
-    int it = 0;
     for (int n = c.n_end - 1; n >= c.n_begin; --n, ++it) {
       const Slot<Tr> slot = Slot<Tr>::of(it);
       wait_k(it);
@@ -144,7 +155,7 @@ struct Consumer {
 
   __device__ __forceinline__ void mainloop_overlapped() {
     // The last visible block first: S, softmax, P; O is still zero (no rescale).
-    int n = c.n_end - 1, it = 0;
+    int n = c.n_end - 1;
     {
       wait_k(it);
       take_turn();
@@ -199,6 +210,7 @@ struct Consumer {
     ptx::wgmma_wait<0>();
     ptx::fence_operands(o);
     release(smem.empty_v(Slot<Tr>::of(it).stage));
+    ++it;
   }
 };
 
@@ -208,36 +220,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const _
   extern __shared__ uint8_t smem_raw[];
   const SmemView<Tr> smem(smem_raw);
 
-  // Block -> (query block, head, sequence); under a causal mask the query blocks with the most
-  // keys come first.
-  int bid = blockIdx.x;
-  BlockCoord c;
-  c.m_block = p.m_blocks - 1 - bid % p.m_blocks;
-  bid /= p.m_blocks;
-  c.h = bid % p.heads;
-  c.b = bid / p.heads;
-  c.hk = c.h / p.group;
-  c.m0 = c.m_block * Tr::kBlockM;
-  c.rows = min(Tr::kBlockM, p.seqlen_q - c.m0);
-  const Mask mask = p.mask();
-  // Keys any row of the block sees (both bounds are monotone in the row).
-  const int64_t key_lo = mask.key_begin(c.m0);
-  const int64_t key_hi = mask.key_end(c.m0 + c.rows - 1);
-  c.n_begin = int(key_lo / Tr::kBlockN);
-  c.n_end = key_hi > key_lo ? int((key_hi + Tr::kBlockN - 1) / Tr::kBlockN) : c.n_begin;
-
   if (threadIdx.x == 0) smem.init_barriers();
   __syncthreads();
 
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // warp-uniform for the compiler
   if (wg == 0) {
     ptx::setmaxnreg_dec<Tr::kProducerRegs>();
-    if (threadIdx.x == 0 && c.n_end > c.n_begin) produce<Tr>(p, smem, c);
+    if (threadIdx.x == 0) produce<Tr>(p, smem);
   } else {
     ptx::setmaxnreg_inc<Tr::kConsumerRegs>();
-    Consumer<Tr> consumer{p, smem, c, wg - 1, int(threadIdx.x) % 128, mask, 0};
-    const int thread_in_wg = int(threadIdx.x) % 128;
-    consumer.row0 = c.m0 + (wg - 1) * 64 + (thread_in_wg / 32) * 16 + (thread_in_wg % 32) / 4;
+    Consumer<Tr> consumer{p, smem, wg - 1, int(threadIdx.x) % 128};
     consumer.run();
   }
 #endif

@@ -2,6 +2,7 @@
 // shared memory. Included only by the generated translation units under src/cuda/inst/.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdio>
@@ -23,17 +24,19 @@ namespace flashattn::cuda::sm90 {
 #endif
 
 template <typename Tr>
-std::string traits_name() {
-  char buf[192];
-  std::snprintf(buf, sizeof buf, "flash_fwd_sm90<hdim %d, %s, %dx%d, %d+1 warpgroups, %d stages, %s>", Tr::kHeadDim,
-                std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kBlockM, Tr::kBlockN,
-                Tr::kConsumerWGs, Tr::kStages, schedule_name(Tr::kSchedule));
+std::string traits_name(bool persistent) {
+  char buf[208];
+  std::snprintf(buf, sizeof buf, "flash_fwd_sm90<hdim %d, %s, %dx%d, %d+1 warpgroups, %d stages, %s, %s%s>",
+                Tr::kHeadDim, std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kBlockM,
+                Tr::kBlockN, Tr::kConsumerWGs, Tr::kStages, schedule_name(Tr::kSchedule),
+                persistent ? "persistent" : "one CTA per tile", Tr::kSeparateO ? "" : ", O in Q's smem");
   return buf;
 }
 
 template <typename Tr>
-void launch(const AttnParams& p, int device, cudaStream_t stream) {
-  static const std::string name = traits_name<Tr>();
+void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cudaStream_t stream) {
+  static const std::string names[2] = {traits_name<Tr>(false), traits_name<Tr>(true)};
+  const std::string& name = names[persistent];
   const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
   const int64_t blocks = m_blocks * p.heads * p.batch;
   if (blocks == 0) return;
@@ -61,8 +64,11 @@ void launch(const AttnParams& p, int device, cudaStream_t stream) {
   fp.heads = p.heads;
   fp.group = p.heads / p.heads_k;
   fp.m_blocks = int(m_blocks);
-  fp.window_left = p.window_left;
-  fp.window_right = p.window_right;
+  fp.tiles = int(blocks);
+  // Bounds beyond seqlen_q + seqlen_k act as unbounded ones; clamped so the kernel's int math holds.
+  const int64_t span = p.seqlen_q + p.seqlen_k;
+  fp.window_left = p.window_left < 0 ? -1 : int(std::min(p.window_left, span));
+  fp.window_right = p.window_right < 0 ? -1 : int(std::min(p.window_right, span));
   fp.scale_log2 = p.scale * kLog2e;
 
   auto kernel = flash_fwd_sm90_kernel<Tr>;
@@ -73,33 +79,39 @@ void launch(const AttnParams& p, int device, cudaStream_t stream) {
     FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
     smem_ready.fetch_or(bit, std::memory_order_release);
   }
-  kernel<<<dim3(unsigned(blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(fp);
+  // Persistent: one CTA per SM (the kernel takes a whole SM's registers), each walking its tiles.
+  int sms = 0;
+  FA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (max_ctas > 0) sms = std::min(sms, max_ctas);
+  const int grid = persistent ? int(std::min<int64_t>(blocks, sms)) : int(blocks);
+  kernel<<<dim3(unsigned(grid)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(fp);
   FA_CHECK_LAUNCH(name.c_str());
 }
 
+// The default is kOverlap: on the H100 ping-pong added nothing to it at 8k and lost 6% under a
+// causal mask (bench/gpu/HOPPER_NOTES.md, v0).
 template <int kHeadDim, typename T, typename Fn>
-void with_schedule(Schedule s, Fn&& fn) {
+void with_schedule(const FwdPlan& plan, Fn&& fn) {
+  const Schedule s = plan.schedule;
 #if FLASHATTN_SM90_ALL_SCHEDULES
   if (s == Schedule::kSerial) return fn(FwdTraits<kHeadDim, T, Schedule::kSerial>{});
-  if (s == Schedule::kOverlap || fwd_tile(kHeadDim).consumer_wgs != 2)
-    return fn(FwdTraits<kHeadDim, T, Schedule::kOverlap>{});
+  if constexpr (fwd_tile(kHeadDim).consumer_wgs == 2)
+    if (s == Schedule::kPingPong) return fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{});
 #endif
   (void)s;
-  if constexpr (fwd_tile(kHeadDim).consumer_wgs == 2)
-    fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{});
-  else
-    fn(FwdTraits<kHeadDim, T, Schedule::kOverlap>{});
+  fn(FwdTraits<kHeadDim, T, Schedule::kOverlap>{});
 }
 
 template <int kHeadDim, typename T>
 void run_fwd(const AttnParams& p, const FwdPlan& plan, int device, cudaStream_t stream) {
-  with_schedule<kHeadDim, T>(plan.schedule, [&](auto tr) { launch<decltype(tr)>(p, device, stream); });
+  with_schedule<kHeadDim, T>(plan,
+                             [&](auto tr) { launch<decltype(tr)>(p, plan.persistent, plan.max_ctas, device, stream); });
 }
 
 template <int kHeadDim, typename T>
 std::string kernel_name(const FwdPlan& plan) {
   std::string name;
-  with_schedule<kHeadDim, T>(plan.schedule, [&](auto tr) { name = traits_name<decltype(tr)>(); });
+  with_schedule<kHeadDim, T>(plan, [&](auto tr) { name = traits_name<decltype(tr)>(plan.persistent); });
   return name;
 }
 

@@ -34,13 +34,20 @@ struct FwdTraits {
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
 
   // The producer needs a handful of registers (one thread issues TMA); the consumers share the rest.
-  // setmaxnreg counts are multiples of 8 in [24, 256], and the sum may not exceed 64 K per CTA.
-  static constexpr int kProducerRegs = 24;
+  // setmaxnreg counts are multiples of 8 in [24, 256]. Every warp starts with the launch cap
+  // (__launch_bounds__(kThreads, 1): 64 K / kThreads, rounded down to 8), and the consumers' increase
+  // can only come from what the producer gave back in the same CTA: an increase beyond it waits
+  // forever (a hang seen on the H100 with 32 / 240 at 384 threads).
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
-  static_assert(128 * (kProducerRegs + kConsumerWGs * kConsumerRegs) <= 65536, "register file per CTA");
+  static constexpr int kProducerRegs = kConsumerWGs == 2 ? 24 : 32;
+  static_assert(kConsumerWGs * (kConsumerRegs - kLaunchRegs) <= kLaunchRegs - kProducerRegs,
+                "setmaxnreg: the consumers may only take the registers the producer released");
 
   // Shared memory: each tile is [kHeadDim / 64 chunks][rows][64 elements], 128-byte rows in the
-  // 128-byte swizzle TMA writes and wgmma reads. O reuses each consumer warpgroup's own Q rows.
+  // 128-byte swizzle TMA writes and wgmma reads. O gets its own buffer where it fits (d <= 128), so
+  // the producer loads the next tile's Q while this tile's O is stored; otherwise O reuses each
+  // consumer warpgroup's own Q rows and the next Q waits for the store.
   static constexpr int kChunks = kHeadDim / 64;
   static constexpr int kRowBytes = 128;
   static constexpr int kQBytes = kBlockM * kHeadDim * int(sizeof(Element));
@@ -50,10 +57,17 @@ struct FwdTraits {
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + kQBytes;
   static constexpr int kOffV = kOffK + kStages * kKVBytes;
-  static constexpr int kOffBarriers = kOffV + kStages * kKVBytes;
-  static constexpr int kBarriers = 1 + 4 * kStages;  // Q full; K and V full / empty per stage
+  static constexpr int kBarriers = 2 + 4 * kStages;  // Q full / empty; K and V full / empty per stage
   // +1 KB: the dynamic shared memory base is rounded up to the 1 KB a swizzle atom needs.
+  static constexpr int kFixedBytes = kOffV + kStages * kKVBytes + 8 * kBarriers + 1024;
+  static constexpr bool kSeparateO = kFixedBytes + kQBytes <= kMaxSmemBytes;
+  static constexpr int kOffO = kSeparateO ? kOffV + kStages * kKVBytes : kOffQ;
+  static constexpr int kOffBarriers = kOffV + kStages * kKVBytes + (kSeparateO ? kQBytes : 0);
   static constexpr int kSmemBytes = kOffBarriers + 8 * kBarriers + 1024;
+  // Who frees the Q buffer for the next tile: lane 0 of every consumer warp once its last Q K^T is
+  // done (separate O), or the storing thread of each consumer warpgroup once the TMA store of O has
+  // read the rows it shares with Q.
+  static constexpr int kQReleaseArrivals = kSeparateO ? 4 * kConsumerWGs : kConsumerWGs;
 
   static_assert(sizeof(Element) == 2, "16-bit inputs: wgmma k16, 64 elements per 128-byte row");
   static_assert(kHeadDim % 64 == 0, "whole 64-column chunks (other head dims pad up to one)");

@@ -14,7 +14,9 @@ namespace flashattn::cuda::sm90 {
 
 // Host-side choices for one call, made by dispatch.cpp.
 struct FwdPlan {
-  Schedule schedule = Schedule::kPingPong;
+  Schedule schedule = Schedule::kOverlap;
+  bool persistent = true;  // one CTA per SM walking the tiles; false: one CTA per tile
+  int max_ctas = 0;        // > 0: at most this many persistent CTAs (tests: many tiles per CTA)
 };
 
 // Runs the forward on `device` (already current, sm90) for head dims up to kHeadDim (columns

@@ -15,6 +15,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// A 4-byte store to a shared-memory (32-bit) address.
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
 // ---- wgmma ------------------------------------------------------------------------------------
 // Orders this thread's register writes before the next wgmma that reads them (accumulators, A).
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -115,6 +120,8 @@ __device__ __forceinline__ void tma_store_commit() { ::cuda::ptx::cp_async_bulk_
 __device__ __forceinline__ void tma_store_wait_read() {
   ::cuda::ptx::cp_async_bulk_wait_group_read(::cuda::ptx::n32_t<0>{});
 }
+// Waits until the committed stores are complete (their global writes done).
+__device__ __forceinline__ void tma_store_wait_all() { ::cuda::ptx::cp_async_bulk_wait_group(::cuda::ptx::n32_t<0>{}); }
 // Ordinary shared-memory writes of this thread become visible to the async proxy (TMA store).
 __device__ __forceinline__ void fence_proxy_async_smem() {
   ::cuda::ptx::fence_proxy_async(::cuda::ptx::space_shared);

@@ -1,7 +1,9 @@
 // The shared memory of one sm90 forward CTA, laid out by FwdTraits: Q, the K and V stage rings,
 // and the mbarriers that hand stages between the producer and the consumers.
 //
-//   full_q            the producer's TMA of Q completed (one phase per CTA)
+//   full_q            the producer's TMA of the tile's Q completed (one phase per tile; a tile
+//                     without keys gets a plain arrival and no copy)
+//   empty_q           the consumers are done with Q (and, when O shares its rows, with O)
 //   full_k/v[s]       stage s holds the next K (V) block: one producer arrival + the TMA bytes
 //   empty_k/v[s]      every consumer warp is done reading stage s: the producer may refill it
 #pragma once
@@ -22,17 +24,20 @@ struct SmemView {
   __device__ uint8_t* q() const { return base + Tr::kOffQ; }
   __device__ uint8_t* k(int stage) const { return base + Tr::kOffK + stage * Tr::kKVBytes; }
   __device__ uint8_t* v(int stage) const { return base + Tr::kOffV + stage * Tr::kKVBytes; }
+  __device__ uint8_t* o() const { return base + Tr::kOffO; }
 
   __device__ uint64_t* barriers() const { return reinterpret_cast<uint64_t*>(base + Tr::kOffBarriers); }
   __device__ uint64_t* full_q() const { return barriers(); }
-  __device__ uint64_t* full_k(int stage) const { return barriers() + 1 + stage; }
-  __device__ uint64_t* full_v(int stage) const { return barriers() + 1 + Tr::kStages + stage; }
-  __device__ uint64_t* empty_k(int stage) const { return barriers() + 1 + 2 * Tr::kStages + stage; }
-  __device__ uint64_t* empty_v(int stage) const { return barriers() + 1 + 3 * Tr::kStages + stage; }
+  __device__ uint64_t* empty_q() const { return barriers() + 1; }
+  __device__ uint64_t* full_k(int stage) const { return barriers() + 2 + stage; }
+  __device__ uint64_t* full_v(int stage) const { return barriers() + 2 + Tr::kStages + stage; }
+  __device__ uint64_t* empty_k(int stage) const { return barriers() + 2 + 2 * Tr::kStages + stage; }
+  __device__ uint64_t* empty_v(int stage) const { return barriers() + 2 + 3 * Tr::kStages + stage; }
 
   // One thread, before anyone else touches the barriers (a __syncthreads follows).
   __device__ void init_barriers() const {
     ptx::mbarrier_init(full_q(), 1);
+    ptx::mbarrier_init(empty_q(), Tr::kQReleaseArrivals);
     for (int s = 0; s < Tr::kStages; ++s) {
       ptx::mbarrier_init(full_k(s), 1);  // the producer's arrive_expect_tx
       ptx::mbarrier_init(full_v(s), 1);
@@ -43,8 +48,8 @@ struct SmemView {
   }
 };
 
-// Where block `it` (0, 1, ... in the order the CTA visits key blocks) sits in the ring, and the
-// parity of the barrier phase that announces it.
+// Where block `it` (0, 1, ... in the order the CTA visits key blocks, counted across its tiles)
+// sits in the ring, and the parity of the barrier phase that announces it.
 template <typename Tr>
 struct Slot {
   int stage;

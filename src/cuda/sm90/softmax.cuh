@@ -13,8 +13,8 @@
 
 #include <cstdint>
 
-#include "core/mask.h"
 #include "cuda/common/ptx.h"
+#include "cuda/sm90/fwd_params.h"
 #include "cuda/sm90/gemms.cuh"
 
 namespace flashattn::cuda::sm90 {
@@ -37,11 +37,11 @@ __device__ __forceinline__ float quad_sum(float x) {
 // Keys outside row (row0 + 8hh)'s visible range -> -inf. key0: the block's first key; t: the
 // thread's column pair. Only blocks that cut some row's range call it.
 template <int kBlockN>
-__device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 2], const Mask& mask, int64_t row0, int key0, int t) {
+__device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 2], const FwdParams& p, int row0, int key0, int t) {
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const int begin = int(mask.key_begin(row0 + 8 * hh) - key0);
-    const int end = int(mask.key_end(row0 + 8 * hh) - key0);
+    const int begin = p.key_begin(row0 + 8 * hh) - key0;
+    const int end = p.key_end(row0 + 8 * hh) - key0;
 #pragma unroll
     for (int i = 0; i < kBlockN / 8; ++i)
 #pragma unroll
