@@ -31,6 +31,9 @@
 #include "core/half.h"
 #include "core/mask.h"
 #include "core/validate.h"
+#if FLASHATTN_BENCH_CUDA
+#include "cuda/backend.h"
+#endif
 #include "device_memory.h"
 #include "flashattn/flashattn.h"
 #include "fma_peak.h"
@@ -721,6 +724,15 @@ void run_all(const Config& c) {
     if (c.check) oracle.emplace(c, problem->host);
   }
   if (!c.json) print_header(c, peak, oracle ? oracle->slice() : Slice{});
+#if FLASHATTN_BENCH_CUDA
+  if (!c.json && problem && !on_cpu(c)) {  // which CUDA kernel the forward runs (sm90 or sm80)
+    const Tensors& t = problem->run();
+    std::printf("cuda forward kernel: %s\n\n",
+                cuda::forward_kernel(core::check_forward(t.q.tensor, t.k.tensor, t.v.tensor, t.out.tensor,
+                                                         t.lse.tensor, options_of(c), nullptr))
+                    .c_str());
+  }
+#endif
 
   for (const Pass& pass : passes) {
     if (pass.skip) {

@@ -10,7 +10,9 @@
 // data), every iteration is timed with its own pair of CUDA events, and one JSON object per case
 // is printed:
 //   {"batch":..,"seqlen":..,"seqlen_q":..,"heads":..,"heads_k":..,"head_dim":..,"causal":..,
-//    "num_splits":..,"ms":median,"ms_min":..,"tflops":..,"bytes":..,"tbps":..}
+//    "num_splits":..,"pass":..,"ms":median,"ms_min":..,"tflops":..,"bytes":..,"tbps":..,
+//    "kernel":"flash_fwd_sm90<...>"}  (the forward kernel the dispatch picks; FLASHATTN_CUDA_FORWARD=sm80
+//    forces sm80)
 // FLOPs = 4 * b * h * sq * sk * d, halved for causal (the FlashAttention papers' convention);
 // bytes = q + k + v + out once (the memory-bound floor of decoding), tbps = bytes / median.
 // --backward: runs the forward once for out/lse, then times flashattn::backward alone (workspace
@@ -31,6 +33,8 @@
 #include <string>
 #include <vector>
 
+#include "core/validate.h"
+#include "cuda/backend.h"
 #include "flashattn/flashattn.h"
 
 namespace {
@@ -235,7 +239,10 @@ int main(int argc, char** argv) {
     };
     std::vector<cudaEvent_t> ev(2 * iters);
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
+    std::string kernel;
     try {
+      kernel = flashattn::cuda::forward_kernel(
+          flashattn::core::check_forward(tq, kv(k[0]), kv(v[0]), to, tl, opt, nullptr));
       if (backward) flashattn::forward(tq, kv(k[0]), kv(v[0]), to, tl, opt);  // out and lse
       for (int i = 0; i < warmup; ++i) run(i % copies);
       for (int i = 0; i < iters; ++i) {
@@ -257,11 +264,11 @@ int main(int argc, char** argv) {
     const double bytes = 2.0 * (2 * nq + 2 * nkv);  // q, out, k, v: 2 bytes an element
     std::printf("{\"batch\":%d,\"seqlen\":%d,\"seqlen_q\":%d,\"heads\":%d,\"heads_k\":%d,\"head_dim\":%d,"
                 "\"causal\":%s,\"num_splits\":%d,\"dtype\":\"%s\",\"pass\":\"%s\",\"deterministic\":%s,\"kv_copies\":%d,\"ms\":%.5f,\"ms_min\":%.5f,"
-                "\"tflops\":%.2f,\"bytes\":%.0f,\"tbps\":%.4f}\n",
+                "\"tflops\":%.2f,\"bytes\":%.0f,\"tbps\":%.4f,\"kernel\":\"%s\"}\n",
                 c.batch, c.seqlen, c.seqlen_q, c.heads, c.heads_k, c.head_dim, c.causal ? "true" : "false",
                 c.num_splits, bf16 ? "bf16" : "fp16", backward ? "bwd" : "fwd",
                 backward && deterministic ? "true" : "false", copies, med, fastest, flops / (med * 1e-3) / 1e12, bytes,
-                bytes / (med * 1e-3) / 1e12);
+                bytes / (med * 1e-3) / 1e12, kernel.c_str());
     std::fflush(stdout);
     for (auto& e : ev) CHECK(cudaEventDestroy(e));
     CHECK(cudaFree(q));

@@ -9,12 +9,16 @@ The backward counts 2.5x the forward's FLOPs. SDPA's backward is timed as torch.
 one recorded forward (retain_graph: the backward kernels alone); ours as flashattn::backward after
 one forward.
 
+--ours-sm80 times ours a second time with FLASHATTN_CUDA_FORWARD=sm80 (the sm80 kernel on a Hopper
+GPU) and adds its column and the ratio, so the sm90 and sm80 kernels meet in one run.
+
 Measures the device's ceilings first (bf16 GEMM rate, device-to-device copy bandwidth), times
 each config with CUDA events (median of --iters after --warmup), prints a Markdown table and
 writes NAME.json and NAME.md (--name, default bench) under --out.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +81,7 @@ def main():
     ap.add_argument("--name", default="bench", help="output files NAME.md and NAME.json")
     ap.add_argument("--bwd", action="store_true", help="time the backward pass instead of the forward")
     ap.add_argument("--deterministic", action="store_true", help="ours: deterministic backward")
+    ap.add_argument("--ours-sm80", action="store_true", help="also time ours with FLASHATTN_CUDA_FORWARD=sm80")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -92,27 +97,35 @@ def main():
             for s in map(int, args.seqlens.split(",")):
                 configs.append((16384 // s, s, 2048 // d, d, causal))
 
-    # Ours: one process for all configs.
-    cmd = [args.ours, "--warmup", str(args.warmup), "--iters", str(args.iters)]
-    if args.bwd:
-        cmd += ["--backward"] + (["--deterministic"] if args.deterministic else [])
-    for b, s, h, d, c in configs:
-        cmd += ["--case", f"{b},{s},{h},{d},{int(c)}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout, proc.stderr, file=sys.stderr)
-        sys.exit("flashattn-gpu-bench failed")
-    ours = {}
-    for line in proc.stdout.splitlines():
-        r = json.loads(line)
-        ours[(r["batch"], r["seqlen"], r["heads"], r["head_dim"], r["causal"])] = r
+    # Ours: one process for all configs (and one more on the sm80 kernel with --ours-sm80).
+    def run_ours(env_extra):
+        cmd = [args.ours, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+        if args.bwd:
+            cmd += ["--backward"] + (["--deterministic"] if args.deterministic else [])
+        for b, s, h, d, c in configs:
+            cmd += ["--case", f"{b},{s},{h},{d},{int(c)}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env_extra})
+        if proc.returncode != 0:
+            print(proc.stdout, proc.stderr, file=sys.stderr)
+            sys.exit("flashattn-gpu-bench failed")
+        res = {}
+        for line in proc.stdout.splitlines():
+            r = json.loads(line)
+            res[(r["batch"], r["seqlen"], r["heads"], r["head_dim"], r["causal"])] = r
+        return res
+
+    ours = run_ours({})
+    ours_sm80 = run_ours({"FLASHATTN_CUDA_FORWARD": "sm80"}) if args.ours_sm80 else None
 
     rows = []
     for b, s, h, d, causal in configs:
         # (b, s, h, d) memory viewed as (b, h, s, d): the layout flash_attn and ours take natively.
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        key = (b, s, h, d, causal)
         row = {"batch": b, "seqlen": s, "heads": h, "head_dim": d, "causal": causal,
-               "ours_ms": ours[(b, s, h, d, causal)]["ms"]}
+               "ours_ms": ours[key]["ms"], "kernel": ours[key].get("kernel", "")}
+        if ours_sm80 is not None:
+            row["sm80_ms"] = ours_sm80[key]["ms"]
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
                 row[f"{name}_ms"] = sdpa_ms(q, k, v, causal, backend, args.bwd, args.warmup, args.iters)
@@ -120,7 +133,7 @@ def main():
                 row[f"{name}_ms"] = None
                 print(f"{name} failed for {row}: {e}", file=sys.stderr)
         f = flops(b, h, s, d, causal, args.bwd)
-        for name in ("ours", "flash", "cudnn"):
+        for name in ("ours", "flash", "cudnn") + (("sm80",) if ours_sm80 is not None else ()):
             ms = row[f"{name}_ms"]
             row[f"{name}_tflops"] = f / (ms * 1e-3) / 1e12 if ms else None
         rows.append(row)
@@ -129,21 +142,27 @@ def main():
     def fmt(x, p=0):
         return "—" if x is None else f"{x:.{p}f}"
 
+    sm80 = ours_sm80 is not None
     lines = [
         f"{'Backward' if args.bwd else 'Forward'}{' (ours deterministic)' if args.deterministic else ''}. "
         f"Device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
         f"bf16 GEMM ceiling {gemm:.0f} TFLOP/s, copy {copy:.2f} TB/s",
+        f"ours ran: {', '.join(sorted(set(r['kernel'] for r in rows if r['kernel'])))}",
         "",
-        "| d | causal | seqlen | batch x heads | ours TFLOP/s | SDPA flash | cuDNN | ours/flash | ours/cuDNN | ours ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| d | causal | seqlen | batch x heads | ours TFLOP/s | SDPA flash | cuDNN | ours/flash | ours/cuDNN | ours ms |"
+        + (" ours sm80 | ours/sm80 |" if sm80 else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if sm80 else ""),
     ]
     for r in rows:
         rf = r["ours_tflops"] / r["flash_tflops"] if r["flash_tflops"] else None
         rc = r["ours_tflops"] / r["cudnn_tflops"] if r["cudnn_tflops"] else None
-        lines.append(
+        line = (
             f"| {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['seqlen']} | {r['batch']}x{r['heads']} | "
             f"{fmt(r['ours_tflops'])} | {fmt(r['flash_tflops'])} | {fmt(r['cudnn_tflops'])} | "
             f"{fmt(rf, 2)} | {fmt(rc, 2)} | {r['ours_ms']:.3f} |")
+        if sm80:
+            line += f" {fmt(r['sm80_tflops'])} | {fmt(r['ours_tflops'] / r['sm80_tflops'], 2)} |"
+        lines.append(line)
     table = "\n".join(lines)
     print(table)
     (out / f"{args.name}.md").write_text(table + "\n")

@@ -9,6 +9,9 @@
 #include "cuda/common/check.h"
 #include "cuda/sm80/launch.h"
 #include "flashattn/error.h"
+#if FLASHATTN_CUDA_SM90
+#include "cuda/sm90/dispatch.h"  // the Hopper forward (builds with the 90a arch)
+#endif
 
 namespace flashattn::cuda {
 namespace {
@@ -62,8 +65,7 @@ bool use_decode_kernel(const AttnParams& p) {
 }
 
 template <typename T>
-void run_head_dim(int hdim, const AttnParams& p, int device, cudaStream_t stream) {
-  const bool decode = use_decode_kernel(p);
+void run_head_dim(int hdim, bool decode, const AttnParams& p, int device, cudaStream_t stream) {
   switch (hdim) {
 #if FLASHATTN_CUDA_HDIM_64
     case 64: return decode ? sm80::run_decode<64, T>(p, device, stream) : sm80::run_fwd<64, T>(p, device, stream);
@@ -125,10 +127,32 @@ void forward(const AttnParams& p) {
   require_sm80(device, "the CUDA forward");
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) return;
   auto stream = static_cast<cudaStream_t>(p.stream);
+  const bool decode = use_decode_kernel(p);
+#if FLASHATTN_CUDA_SM90
+  // Hopper: the sm90a kernel wherever it covers the call (FLASHATTN_CUDA_FORWARD=sm80 opts out),
+  // except decoding: a few query rows per kv head fill none of its 64-row warpgroup tiles, and
+  // the decode kernel's split-KV reads K/V at the memory's rate.
+  if (!decode)
+    if (const sm90::Selection s = sm90::select(p, device); s.use) return sm90::run(p, s, device, stream);
+#endif
   if (p.dtype == DType::bf16)
-    run_head_dim<__nv_bfloat16>(hdim, p, device, stream);
+    run_head_dim<__nv_bfloat16>(hdim, decode, p, device, stream);
   else
-    run_head_dim<__half>(hdim, p, device, stream);
+    run_head_dim<__half>(hdim, decode, p, device, stream);
+}
+
+std::string forward_kernel(const AttnParams& p) {
+  const int device = p.device.index;
+  DeviceGuard guard(device);
+  const bool decode = use_decode_kernel(p);
+#if FLASHATTN_CUDA_SM90
+  if (!decode)
+    if (const sm90::Selection s = sm90::select(p, device); s.use) return s.kernel;
+#endif
+  const int need = std::max(p.head_dim, p.head_dim_v);
+  for (int d : kHeadDims)
+    if (d >= need) return (decode ? "decode_sm80<hdim " : "flash_fwd_sm80<hdim ") + std::to_string(d) + ">";
+  return "none (no CUDA forward instantiated for head dim " + std::to_string(need) + ")";
 }
 
 bool available() {

@@ -7,6 +7,11 @@
 //
 // Every output buffer is poisoned (NaN) with guard bands around it, and strided layouts leave
 // gaps that must stay untouched. Without a usable sm80+ GPU every test is skipped (CI).
+//
+// On an H100 the grid runs the sm90 kernel wherever it covers a case and the sm80 kernel
+// elsewhere; FLASHATTN_CUDA_FORWARD=sm80 in the environment runs the whole grid on sm80 (the
+// device script does both). The summary line counts the cases each kernel family ran, and
+// CudaDispatch checks which kernel the dispatch picks.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -23,6 +28,8 @@
 #include <vector>
 
 #include "core/half.h"
+#include "core/validate.h"
+#include "cuda/backend.h"
 #include "cuda/split_kv.h"
 #include "flashattn/flashattn.h"
 #include "ref/reference.h"
@@ -50,6 +57,45 @@ bool gpu_present() {
 
 #define SKIP_WITHOUT_GPU() \
   if (!gpu_present()) GTEST_SKIP() << "no sm80+ CUDA device: GPU tests skipped"
+
+// The device is an sm_90 GPU and this build has the sm90a forward with head dims 64 and 128 (the
+// CMake file defines FLASHATTN_TEST_HAVE_SM90 then): covered calls must run on it.
+bool expect_sm90() {
+#if FLASHATTN_TEST_HAVE_SM90
+  int major = 0, minor = 0;
+  if (!gpu_present() || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+// Sets an environment variable for the lifetime of the guard (empty value: leaves it alone).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (value.empty()) return;
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value.c_str(), 1);
+    set_ = true;
+  }
+  ~ScopedEnv() {
+    if (!set_) return;
+    if (old_)
+      setenv(name_, old_->c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+  bool set_ = false;
+};
 
 uint64_t seed_for(const std::string& name) {
   uint64_t h = 1469598103934665603ull;
@@ -215,6 +261,7 @@ Err error_of(const std::vector<double>& a, const std::vector<double>& ref) {
 struct Summary {
   double out_err[2] = {0, 0}, out_bound[2] = {0, 0}, lse_err[2] = {0, 0};
   int checks = 0;
+  int sm90_cases = 0, sm80_cases = 0;  // grid cases run by each kernel family
 } g_summary;
 
 ::testing::AssertionResult within(const std::string& what, DType t, const std::vector<double>& ours,
@@ -254,6 +301,8 @@ struct Case {
   bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
   int num_splits = 0;        // options.num_splits: 0 = heuristic, 1 = never split, N = N key splits
   bool decode_kernel = true; // false: FLASHATTN_CUDA_DECODE=0, decode shapes go to the main kernel
+  std::string force;         // FLASHATTN_CUDA_FORWARD for this case ("sm80"; empty: the dispatch picks)
+  int sm90_ctas = 0;         // FLASHATTN_SM90_MAX_CTAS: a small persistent grid, many tiles per CTA
   Layout layout = Layout::dense;
   std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
   std::vector<int32_t> used_k;      // options.seqused_k (keys used per sequence) when non-empty
@@ -370,21 +419,27 @@ class ForwardRun {
       vl.max_seqlen_q = *std::max_element(c.lens_q.begin(), c.lens_q.end());
       vl.max_seqlen_k = *std::max_element(c.lens_k.begin(), c.lens_k.end());
     }
-    if (c.small_tiles) setenv("FLASHATTN_CUDA_SMALL_TILES", "1", 1);
-    if (!c.decode_kernel) setenv("FLASHATTN_CUDA_DECODE", "0", 1);
-    try {
-      if (varlen)
-        flashattn::forward_varlen(tq, tk, tv, to, tl, vl, opt);
-      else
-        flashattn::forward(tq, tk, tv, to, tl, opt);
-    } catch (const std::exception& e) {
-      unsetenv("FLASHATTN_CUDA_SMALL_TILES");
-      unsetenv("FLASHATTN_CUDA_DECODE");
-      FAIL() << "forward threw: " << e.what();
+    std::string kernel;
+    {
+      ScopedEnv small_tiles("FLASHATTN_CUDA_SMALL_TILES", c.small_tiles ? "1" : "");
+      ScopedEnv force("FLASHATTN_CUDA_FORWARD", c.force);
+      ScopedEnv ctas("FLASHATTN_SM90_MAX_CTAS", c.sm90_ctas > 0 ? std::to_string(c.sm90_ctas) : "");
+      ScopedEnv decode("FLASHATTN_CUDA_DECODE", c.decode_kernel ? "" : "0");
+      try {
+        kernel = flashattn::cuda::forward_kernel(
+            flashattn::core::check_forward(tq, tk, tv, to, tl, opt, varlen ? &vl : nullptr));
+        if (varlen)
+          flashattn::forward_varlen(tq, tk, tv, to, tl, vl, opt);
+        else
+          flashattn::forward(tq, tk, tv, to, tl, opt);
+      } catch (const std::exception& e) {
+        FAIL() << "forward threw: " << e.what();
+      }
     }
-    unsetenv("FLASHATTN_CUDA_SMALL_TILES");
-    unsetenv("FLASHATTN_CUDA_DECODE");
     CUDA_OK(cudaDeviceSynchronize());
+    const bool ran_sm90 = kernel.rfind("flash_fwd_sm90", 0) == 0;
+    ++(ran_sm90 ? g_summary.sm90_cases : g_summary.sm80_cases);
+    if (std::getenv("FLASHATTN_TEST_VERBOSE")) std::printf("  kernel: %s\n", kernel.c_str());
 
     // Read back; everything outside the views must be as poisoned.
     const auto out_after = go.download(), lse_after = gl.download();
@@ -412,8 +467,9 @@ class ForwardRun {
     int64_t stray_o = 0, stray_l = 0;
     for (size_t i = 0; i < out_after.size(); ++i) stray_o += !touched_o[i] && out_after[i] != out_before[i];
     for (size_t i = 0; i < lse_after.size(); ++i) stray_l += !touched_l[i] && lse_after[i] != lse_before[i];
-    EXPECT_EQ(stray_o, 0) << "bytes of out written outside the output view (gaps, guards, unowned rows)";
-    EXPECT_EQ(stray_l, 0) << "bytes of lse written outside the lse view";
+    EXPECT_EQ(stray_o, 0) << "bytes of out written outside the output view (gaps, guards, unowned rows); kernel: "
+                          << kernel;
+    EXPECT_EQ(stray_l, 0) << "bytes of lse written outside the lse view; kernel: " << kernel;
 
     // The oracle and the same-precision baseline, on host copies (dense).
     const Device cpu = Device::cpu();
@@ -492,8 +548,8 @@ class ForwardRun {
 
     ASSERT_EQ(ours_out.size(), ref_out.size());
     ASSERT_EQ(ours_lse.size(), ref_lse.size());
-    EXPECT_TRUE(within("out", c.dtype, ours_out, base_out, ref_out));
-    EXPECT_TRUE(within("lse", c.dtype, ours_lse, base_lse, ref_lse));
+    EXPECT_TRUE(within("out", c.dtype, ours_out, base_out, ref_out)) << "kernel: " << kernel;
+    EXPECT_TRUE(within("lse", c.dtype, ours_lse, base_lse, ref_lse)) << "kernel: " << kernel;
 
     // Rows the oracle calls empty: exactly O = 0 and LSE = -inf.
     int64_t bad_empty = 0, empty_rows = 0;
@@ -506,7 +562,8 @@ class ForwardRun {
         for (int d = 0; d < dv; ++d) ok = ok && ours_out[(r * c.heads + h) * dv + d] == 0.0;
         bad_empty += !ok;
       }
-    EXPECT_EQ(bad_empty, 0) << "of " << empty_rows << " fully masked rows are not exactly O = 0, LSE = -inf";
+    EXPECT_EQ(bad_empty, 0) << "of " << empty_rows << " fully masked rows are not exactly O = 0, LSE = -inf; kernel: "
+                            << kernel;
   }
 
  private:
@@ -601,6 +658,7 @@ std::vector<Case> cases() {
     c.heads_k = 1;
     c.causal = causal;
     c.small_tiles = true;
+    c.force = "sm80";  // the tiles are the sm80 kernel's
     c.dtype = causal ? DType::f16 : DType::bf16;
     c.name = std::string("d256_sm80_tiles") + (causal ? "_causal" : "");
     v.push_back(c);
@@ -627,6 +685,69 @@ std::vector<Case> cases() {
     c.heads_k = 4;
     c.name = "dv64_d128";
     v.push_back(c);
+  }
+  // Several query and key blocks of the sm90 kernel (192/128 rows, 128/112/80 keys), partial last
+  // blocks on both sides, GQA ratio 3, windows; padded head dims.
+  {
+    struct Long {
+      const char* name;
+      int d, sq, sk, heads, heads_k;
+      DType dtype;
+      bool causal;
+      int wl, wr;
+    };
+    const Long longs[] = {
+        {"multiblock_d128_causal_fp16", 128, 777, 1500, 4, 2, DType::f16, true, -1, -1},
+        {"multiblock_d64_gqa3_bf16", 64, 1500, 777, 3, 1, DType::bf16, false, -1, -1},
+        {"multiblock_d256_causal_bf16", 256, 300, 1013, 2, 2, DType::bf16, true, -1, -1},
+        {"multiblock_d192_fp16", 192, 400, 700, 2, 1, DType::f16, false, -1, -1},
+        {"multiblock_d64_window_bf16", 64, 1013, 1013, 2, 2, DType::bf16, false, 100, 50},
+        {"multiblock_d96_causal_bf16", 96, 600, 600, 2, 2, DType::bf16, true, -1, -1},
+    };
+    for (const Long& l : longs) {
+      Case c;
+      c.name = l.name;
+      c.d = l.d;
+      c.sq = l.sq;
+      c.sk = l.sk;
+      c.heads = l.heads;
+      c.heads_k = l.heads_k;
+      c.dtype = l.dtype;
+      c.causal = l.causal;
+      c.wl = l.wl;
+      c.wr = l.wr;
+      v.push_back(c);
+    }
+  }
+  // The sm90 kernel's persistent grid capped at a few CTAs: each walks many tiles, the K/V ring and
+  // the Q buffer change hands across tiles, and tiles without keys (sq > sk, causal) come between.
+  {
+    struct Persist {
+      const char* name;
+      int d, sq, sk, batch, heads, heads_k, ctas;
+      DType dtype;
+      bool causal;
+    };
+    const Persist ps[] = {
+        {"persistent_d128_causal_3ctas", 128, 777, 1500, 2, 4, 2, 3, DType::f16, true},
+        {"persistent_d64_empty_tiles_2ctas", 64, 900, 200, 2, 3, 1, 2, DType::bf16, true},
+        {"persistent_d256_o_in_q_2ctas", 256, 500, 300, 1, 3, 3, 2, DType::bf16, true},
+        {"persistent_d128_1cta", 128, 300, 333, 3, 2, 2, 1, DType::bf16, false},
+    };
+    for (const Persist& x : ps) {
+      Case c;
+      c.name = x.name;
+      c.d = x.d;
+      c.sq = x.sq;
+      c.sk = x.sk;
+      c.batch = x.batch;
+      c.heads = x.heads;
+      c.heads_k = x.heads_k;
+      c.sm90_ctas = x.ctas;
+      c.dtype = x.dtype;
+      c.causal = x.causal;
+      v.push_back(c);
+    }
   }
   // Varlen with zero-length sequences (q, k or both), GQA, causal, strided.
   {
@@ -1049,6 +1170,103 @@ TEST(CudaErrors, MisalignedRows) {
   }
 }
 
+// ---- which kernel runs ------------------------------------------------------------------------------
+// Params of a small problem on the GPU (buffers only; nothing runs).
+struct DispatchProblem {
+  DeviceBuffer q, k, v, o, l;
+  Tensor tq, tk, tv, to, tl;
+  DispatchProblem(int d, DType t, int heads, int heads_k)
+      : q(2, 2 * 100 * heads * d), k(2, 2 * 100 * heads_k * d), v(2, 2 * 100 * heads_k * d),
+        o(2, 2 * 100 * heads * d), l(4, 2 * heads * 100) {
+    const Device dev = Device::cuda(0);
+    tq = Tensor::contiguous(q.data(), t, {2, 100, heads, d}, dev);
+    tk = Tensor::contiguous(k.data(), t, {2, 100, heads_k, d}, dev);
+    tv = Tensor::contiguous(v.data(), t, {2, 100, heads_k, d}, dev);
+    to = Tensor::contiguous(o.data(), t, {2, 100, heads, d}, dev);
+    tl = Tensor::contiguous(l.data(), DType::f32, {2, heads, 100}, dev);
+  }
+  std::string kernel(const Options& opt) const {
+    return flashattn::cuda::forward_kernel(flashattn::core::check_forward(tq, tk, tv, to, tl, opt, nullptr));
+  }
+};
+
+bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+TEST(CudaDispatch, Sm90RunsEveryCoveredCaseOnHopper) {
+  SKIP_WITHOUT_GPU();
+  if (!expect_sm90()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
+  ScopedEnv automatic("FLASHATTN_CUDA_FORWARD", "auto");  // also when the whole run forces sm80
+  for (int d : {32, 64, 96, 128})
+    for (DType t : {DType::bf16, DType::f16})
+      for (bool causal : {false, true}) {
+        DispatchProblem prob(d, t, 4, 2);
+        Options opt;
+        opt.causal = causal;
+        const std::string k = prob.kernel(opt);
+        EXPECT_TRUE(starts_with(k, "flash_fwd_sm90")) << "d " << d << (causal ? " causal" : "") << ": " << k;
+        ScopedEnv force("FLASHATTN_CUDA_FORWARD", "sm80");
+        const std::string k80 = prob.kernel(opt);
+        EXPECT_TRUE(starts_with(k80, "flash_fwd_sm80")) << "FLASHATTN_CUDA_FORWARD=sm80 must pick sm80: " << k80;
+      }
+  DispatchProblem prob(64, DType::bf16, 4, 4);
+  Options window;
+  window.window_left = 16;
+  window.window_right = 3;
+  EXPECT_TRUE(starts_with(prob.kernel(window), "flash_fwd_sm90")) << prob.kernel(window);
+}
+
+// Decoding (a few query rows per kv head) takes the split-KV decode kernel, on Hopper too.
+TEST(CudaDispatch, DecodeShapesTakeTheDecodeKernel) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer q(2, 2 * 32 * 128), o(2, 2 * 32 * 128), l(4, 2 * 32), k(2, 2 * 4096 * 8 * 128), v(2, 2 * 4096 * 8 * 128);
+  const Device dev = Device::cuda(0);
+  const Tensor tq = Tensor::contiguous(q.data(), DType::bf16, {2, 1, 32, 128}, dev);
+  const Tensor to = Tensor::contiguous(o.data(), DType::bf16, {2, 1, 32, 128}, dev);
+  const Tensor tl = Tensor::contiguous(l.data(), DType::f32, {2, 32, 1}, dev);
+  const Tensor tk = Tensor::contiguous(k.data(), DType::bf16, {2, 4096, 8, 128}, dev);
+  const Tensor tv = Tensor::contiguous(v.data(), DType::bf16, {2, 4096, 8, 128}, dev);
+  const std::string kernel =
+      flashattn::cuda::forward_kernel(flashattn::core::check_forward(tq, tk, tv, to, tl, Options{}, nullptr));
+  EXPECT_TRUE(starts_with(kernel, "decode_sm80")) << kernel;
+}
+
+TEST(CudaDispatch, UncoveredCallsFallBackToSm80) {
+  SKIP_WITHOUT_GPU();
+  DispatchProblem prob(64, DType::bf16, 4, 4);
+  Options softcap;
+  softcap.softcap = 10.0f;
+  EXPECT_TRUE(starts_with(prob.kernel(softcap), "flash_fwd_sm80")) << prob.kernel(softcap);
+  Options negative;
+  negative.softmax_scale = -0.1f;
+  EXPECT_TRUE(starts_with(prob.kernel(negative), "flash_fwd_sm80")) << prob.kernel(negative);
+}
+
+TEST(CudaDispatch, ForcedSm90SaysWhyItCannotRun) {
+  SKIP_WITHOUT_GPU();
+  if (!expect_sm90()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
+  DispatchProblem prob(64, DType::bf16, 4, 4);
+  Options softcap;
+  softcap.softcap = 10.0f;
+  ScopedEnv force("FLASHATTN_CUDA_FORWARD", "sm90");
+  try {
+    prob.kernel(softcap);
+    FAIL() << "expected flashattn::Unsupported";
+  } catch (const flashattn::Unsupported& e) {
+    EXPECT_NE(std::string(e.what()).find("softcap"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaDispatch, UnknownOverrideIsAnError) {
+  SKIP_WITHOUT_GPU();
+#if FLASHATTN_TEST_HAVE_SM90
+  DispatchProblem prob(64, DType::bf16, 4, 4);
+  ScopedEnv force("FLASHATTN_CUDA_FORWARD", "sm75");
+  EXPECT_THROW(prob.kernel(Options{}), flashattn::Unsupported);
+#else
+  GTEST_SKIP() << "a build without the 90a arch reads no FLASHATTN_CUDA_FORWARD";
+#endif
+}
+
 // ---- merge ---------------------------------------------------------------------------------------
 // The CUDA merge against the CPU merge: 16-byte loads (d_v % 4 == 0) and the scalar path, few
 // splits and more than one load round per warp, rows empty in every split.
@@ -1101,9 +1319,10 @@ class SummaryPrinter : public ::testing::EmptyTestEventListener {
   void OnTestProgramEnd(const ::testing::UnitTest&) override {
     if (!gpu_present()) return;
     std::printf("[summary] %d checks; max|ours-ref| out: bf16 %.3g (largest bound %.3g), fp16 %.3g "
-                "(largest bound %.3g); lse: bf16 %.3g, fp16 %.3g\n",
+                "(largest bound %.3g); lse: bf16 %.3g, fp16 %.3g; grid cases run by sm90 %d, by sm80 %d\n",
                 g_summary.checks, g_summary.out_err[0], g_summary.out_bound[0], g_summary.out_err[1],
-                g_summary.out_bound[1], g_summary.lse_err[0], g_summary.lse_err[1]);
+                g_summary.out_bound[1], g_summary.lse_err[0], g_summary.lse_err[1], g_summary.sm90_cases,
+                g_summary.sm80_cases);
   }
 };
 

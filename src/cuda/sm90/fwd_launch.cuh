@@ -1,0 +1,118 @@
+// Launches the sm90 forward kernel for one (head dim, dtype) instantiation: tensor maps, grid,
+// shared memory. Included only by the generated translation units under src/cuda/inst/.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <string>
+#include <type_traits>
+
+#include "cuda/common/check.h"
+#include "cuda/sm90/fwd_kernel.cuh"
+#include "cuda/sm90/launch.h"
+#include "cuda/sm90/tensor_map.h"
+#include "flashattn/error.h"
+
+namespace flashattn::cuda::sm90 {
+
+// Which schedules each instantiation carries: the default one, or all of them when the build asks
+// (FLASHATTN_SM90_ALL_SCHEDULES, for benchmarking one against another).
+#ifndef FLASHATTN_SM90_ALL_SCHEDULES
+#define FLASHATTN_SM90_ALL_SCHEDULES 0
+#endif
+
+template <typename Tr>
+std::string traits_name(bool persistent) {
+  char buf[208];
+  std::snprintf(buf, sizeof buf, "flash_fwd_sm90<hdim %d, %s, %dx%d, %d+1 warpgroups, %d stages, %s, %s%s>",
+                Tr::kHeadDim, std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kBlockM,
+                Tr::kBlockN, Tr::kConsumerWGs, Tr::kStages, schedule_name(Tr::kSchedule),
+                persistent ? "persistent" : "one CTA per tile", Tr::kSeparateO ? "" : ", O in Q's smem");
+  return buf;
+}
+
+template <typename Tr>
+void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cudaStream_t stream) {
+  static const std::string names[2] = {traits_name<Tr>(false), traits_name<Tr>(true)};
+  const std::string& name = names[persistent];
+  const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  const int64_t blocks = m_blocks * p.heads * p.batch;
+  if (blocks == 0) return;
+  if (blocks > INT_MAX)
+    throw Unsupported("flashattn: " + name + ": " + std::to_string(blocks) + " query blocks exceed the grid limit");
+
+  FwdParams fp{};
+  TensorView4d q{p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads, p.batch, p.q_stride.row, p.q_stride.head,
+                 p.q_stride.batch};
+  TensorView4d k{p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_k, p.batch, p.k_stride.row, p.k_stride.head,
+                 p.k_stride.batch};
+  TensorView4d v{p.v, p.dtype, p.head_dim_v, p.seqlen_k, p.heads_k, p.batch, p.v_stride.row, p.v_stride.head,
+                 p.v_stride.batch};
+  TensorView4d o{p.out, p.dtype, p.head_dim_v, p.seqlen_q, p.heads, p.batch, p.out_stride.row, p.out_stride.head,
+                 p.out_stride.batch};
+  fp.tma_q = make_tensor_map(q, 64, Tr::kBlockM, "q");
+  fp.tma_k = make_tensor_map(k, 64, Tr::kBlockN, "k");
+  fp.tma_v = make_tensor_map(v, 64, Tr::kBlockN, "v");
+  fp.tma_o = make_tensor_map(o, 64, 64, "out");
+  fp.lse = p.lse;
+  fp.lse_batch_stride = p.lse_batch_stride;
+  fp.lse_head_stride = p.lse_head_stride;
+  fp.seqlen_q = int(p.seqlen_q);
+  fp.seqlen_k = int(p.seqlen_k);
+  fp.heads = p.heads;
+  fp.group = p.heads / p.heads_k;
+  fp.m_blocks = int(m_blocks);
+  fp.tiles = int(blocks);
+  // Bounds beyond seqlen_q + seqlen_k act as unbounded ones; clamped so the kernel's int math holds.
+  const int64_t span = p.seqlen_q + p.seqlen_k;
+  fp.window_left = p.window_left < 0 ? -1 : int(std::min(p.window_left, span));
+  fp.window_right = p.window_right < 0 ? -1 : int(std::min(p.window_right, span));
+  fp.scale_log2 = p.scale * kLog2e;
+
+  auto kernel = flash_fwd_sm90_kernel<Tr>;
+  // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
+  static std::atomic<uint64_t> smem_ready{0};
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (!bit || !(smem_ready.load(std::memory_order_acquire) & bit)) {
+    FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+    smem_ready.fetch_or(bit, std::memory_order_release);
+  }
+  // Persistent: one CTA per SM (the kernel takes a whole SM's registers), each walking its tiles.
+  int sms = 0;
+  FA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (max_ctas > 0) sms = std::min(sms, max_ctas);
+  const int grid = persistent ? int(std::min<int64_t>(blocks, sms)) : int(blocks);
+  kernel<<<dim3(unsigned(grid)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(fp);
+  FA_CHECK_LAUNCH(name.c_str());
+}
+
+// The default is kOverlap: on the H100 ping-pong added nothing to it at 8k and lost 6% under a
+// causal mask (bench/gpu/HOPPER_NOTES.md, v0).
+template <int kHeadDim, typename T, typename Fn>
+void with_schedule(const FwdPlan& plan, Fn&& fn) {
+  const Schedule s = plan.schedule;
+#if FLASHATTN_SM90_ALL_SCHEDULES
+  if (s == Schedule::kSerial) return fn(FwdTraits<kHeadDim, T, Schedule::kSerial>{});
+  if constexpr (fwd_tile(kHeadDim).consumer_wgs == 2)
+    if (s == Schedule::kPingPong) return fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{});
+#endif
+  (void)s;
+  fn(FwdTraits<kHeadDim, T, Schedule::kOverlap>{});
+}
+
+template <int kHeadDim, typename T>
+void run_fwd(const AttnParams& p, const FwdPlan& plan, int device, cudaStream_t stream) {
+  with_schedule<kHeadDim, T>(plan,
+                             [&](auto tr) { launch<decltype(tr)>(p, plan.persistent, plan.max_ctas, device, stream); });
+}
+
+template <int kHeadDim, typename T>
+std::string kernel_name(const FwdPlan& plan) {
+  std::string name;
+  with_schedule<kHeadDim, T>(plan, [&](auto tr) { name = traits_name<decltype(tr)>(plan.persistent); });
+  return name;
+}
+
+}  // namespace flashattn::cuda::sm90
