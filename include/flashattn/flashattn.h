@@ -16,6 +16,9 @@
 namespace flashattn {
 
 // O = softmax(scale * Q K^T + mask) V, and LSE = logsumexp of each row (-inf for empty rows).
+// The forward's lse may be left empty (a default Tensor{}: no data, rank 0) when the caller does
+// not want it: nothing is written there (an inference call saves allocating it). The backward
+// needs the forward's lse.
 void forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
              const Tensor& lse, const Options& options = {});
 

@@ -37,7 +37,7 @@ struct AttnParams {
   const void* k = nullptr;
   const void* v = nullptr;
   void* out = nullptr;
-  float* lse = nullptr;  // row-contiguous: lse[b * lse_batch + h * lse_head + row_offset + i]
+  float* lse = nullptr;  // null: the caller wants no LSE (forward only). Row-contiguous: lse[b * lse_batch + h * lse_head + row_offset + i]
   Strides q_stride, k_stride, v_stride, out_stride;
   int64_t lse_batch_stride = 0, lse_head_stride = 0;
 

@@ -205,7 +205,12 @@ void check_like(const Tensor& t, const char* name, const Tensor& like, const cha
   check_last_contiguous(t, name);
 }
 
+// A default Tensor{} (no data, rank 0): the caller wants no LSE; p.lse stays null and the kernels
+// skip its stores.
+bool lse_omitted(const Tensor& lse) { return lse.rank == 0 && lse.data == nullptr; }
+
 void check_lse(const Tensor& lse, AttnParams& p, bool varlen) {
+  if (lse_omitted(lse)) return;
   check_defined(lse, "lse");
   check_dtype(lse, "lse", DType::f32, "(log-sum-exp is always fp32)");
   check_device(lse, "lse", p.device);
@@ -352,6 +357,7 @@ BwdParams check_backward(const Tensor& dout, const Tensor& q, const Tensor& k, c
   if (options.seqused_k)
     throw Error("seqused_k", "unset in the backward (it serves decoding with a KV cache, a forward-only use)",
                 "a tensor");
+  if (lse_omitted(lse)) throw Error("lse", "the forward's log-sum-exp (the backward reads it)", "an empty Tensor");
   static_cast<AttnParams&>(p) = check_forward(q, k, v, out, lse, options, layout);
   const bool varlen = layout != nullptr;
   check_like(dout, "dout", out, "out", p.dtype, p.device);

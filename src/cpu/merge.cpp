@@ -27,12 +27,14 @@ void merge(const MergeParams& m) {
                            i * m.pl_row_stride];
     };
     const int64_t out_base = b * m.out_stride.batch + out_row * m.out_stride.row + h * m.out_stride.head;
-    float* lse_out = &m.lse[b * m.lse_batch_stride + h * m.lse_head_stride + out_row * m.lse_row_stride];
+    // Null when the forward's caller asked for no LSE (the public merge always has one).
+    float* lse_out = m.lse ? &m.lse[b * m.lse_batch_stride + h * m.lse_head_stride + out_row * m.lse_row_stride]
+                           : nullptr;
 
     float lse_max = -std::numeric_limits<float>::infinity();
     for (int c = 0; c < m.splits; ++c) lse_max = std::fmax(lse_max, lse_of(c));
     if (lse_max == -std::numeric_limits<float>::infinity()) {  // no split saw a key
-      *lse_out = lse_max;
+      if (lse_out) *lse_out = lse_max;
       for (int d = 0; d < m.head_dim_v; ++d) store_from_float(m.out, out_base + d, m.out_dtype, 0.0f);
       continue;
     }
@@ -40,7 +42,7 @@ void merge(const MergeParams& m) {
     // rounded LSE would scale every weight by |LSE| * 2^-24.
     float sum = 0;
     for (int c = 0; c < m.splits; ++c) sum += std::exp(lse_of(c) - lse_max);
-    *lse_out = lse_max + std::log(sum);
+    if (lse_out) *lse_out = lse_max + std::log(sum);
     const float inv_sum = 1.0f / sum;
     for (int d = 0; d < m.head_dim_v; ++d) {
       float acc = 0;

@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kWarps * 32) merge_kernel(const __grid_constan
     }
     __syncthreads();  // smem_acc is reused by the next pass
   }
-  if (tid == 0)
+  if (tid == 0 && m.lse)  // null: the forward's caller wants no LSE
     m.lse[b * m.lse_batch_stride + h * m.lse_head_stride + out_row * m.lse_row_stride] =
         lse_max != neg_inf ? lse_max + logf(sum) : neg_inf;
 }

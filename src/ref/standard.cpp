@@ -391,7 +391,8 @@ void forward(const Tensor& q_t, const Tensor& k_t, const Tensor& v_t, const Tens
     const int64_t i = r % p.seqlen_q;
     float* row = pr.score_row(s.get(), b, h, i);
     round_row(row, p.seqlen_k, p.dtype);  // S as the dtype's matmul would have stored it
-    p.lse[p.lse_offset(b, i, h)] = softmax_row(row, i, p.mask(b), p.score_mod(b, h), p.dtype);
+    const float lse = softmax_row(row, i, p.mask(b), p.score_mod(b, h), p.dtype);
+    if (p.lse) p.lse[p.lse_offset(b, i, h)] = lse;
   }
 
   gemm_threads.run(int64_t(p.batch) * p.heads, [&](int64_t task) {

@@ -187,6 +187,42 @@ TEST_F(Validation, ValidInputsAreAccepted) {
   EXPECT_TRUE(accepted([&] { fwd(q, k, v, out, lse, a1); }));
 }
 
+// ---- an omitted LSE (a default Tensor{}) ----------------------------------------------------
+
+// The forward may be given no LSE: the output is the same, bit for bit, on the tiled path, the
+// decode path split or not, and varlen; nothing else is written. The backward needs the LSE.
+TEST_F(Validation, OmittedLseInTheForwardOnly) {
+  auto same_out = [&](const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& o_, const Tensor& l_,
+                      const Options& opt, const VarlenLayout* lay, const char* what) {
+    SCOPED_TRACE(what);
+    int64_t extent = 1;  // elements the view o_ spans: a second output with the same strides
+    for (int i = 0; i < o_.rank; ++i) extent += (o_.shape[i] - 1) * o_.stride[i];
+    Buffer other(dt, extent);
+    Tensor o_none = o_;
+    o_none.data = other.data();
+    if (lay) flashattn::forward_varlen(q_, k_, v_, o_, l_, *lay, opt);
+    else flashattn::forward(q_, k_, v_, o_, l_, opt);
+    snapshot();
+    if (lay) flashattn::forward_varlen(q_, k_, v_, o_none, Tensor{}, *lay, opt);
+    else flashattn::forward(q_, k_, v_, o_none, Tensor{}, opt);
+    expect_untouched();  // no store went anywhere but o_none
+    EXPECT_EQ(to_dense(o_), to_dense(o_none));
+  };
+  Options opt;
+  opt.causal = true;
+  same_out(q, k, v, out, lse, opt, nullptr, "tiled");
+  const Tensor q1 = with_shape(q, 1, 1), o1 = with_shape(out, 1, 1), l1 = with_shape(lse, 2, 1);
+  for (int splits : {1, 3}) {
+    Options d;
+    d.num_splits = splits;
+    same_out(q1, k, v, o1, l1, d, nullptr, splits == 1 ? "decode" : "decode, 3 splits");
+  }
+  same_out(vq, vk, vv, vout, vlse, opt, &layout, "varlen");
+
+  snapshot();
+  EXPECT_ARG_ERROR("lse", bwd(dout, q, k, v, out, Tensor{}, dq, dk, dv));
+}
+
 // ---- null pointers ---------------------------------------------------------------------------
 
 TEST_F(Validation, NullPointers) {

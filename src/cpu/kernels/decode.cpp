@@ -230,7 +230,7 @@ void forward_decode(const AttnParams& p, int threads) {
         } else {
           from_float(&ws.acc[r * dv_pad], inv, p.head_dim_v, p.dtype,
                      static_cast<char*>(p.out) + dtype_size(p.dtype) * p.out_offset(b, query, head));
-          p.lse[p.lse_offset(b, query, head)] = lse;
+          if (p.lse) p.lse[p.lse_offset(b, query, head)] = lse;
         }
       }
     }

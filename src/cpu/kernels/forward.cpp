@@ -259,7 +259,7 @@ void write_output(const AttnParams& p, const Task& t, Workspace& ws) {
     const float inv = l > 0 ? 1.0f / l : 0.0f;
     from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, p.dtype,
                static_cast<char*>(p.out) + esize * p.out_offset(t.b, t.query(i), t.head(i)));
-    p.lse[p.lse_offset(t.b, t.query(i), t.head(i))] = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+    if (p.lse) p.lse[p.lse_offset(t.b, t.query(i), t.head(i))] = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
   }
 }
 

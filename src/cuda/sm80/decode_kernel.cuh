@@ -470,7 +470,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
     const int h = hk * group + int(row % group);
     if (to_partial)
       *args.partial.lse_at(split, b, i, h) = lse;
-    else
+    else if (p.lse)  // null: the caller wants no LSE
       p.lse[p.lse_offset(b, i, h)] = lse;
   }
 }

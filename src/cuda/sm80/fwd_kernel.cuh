@@ -195,7 +195,8 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
       const int64_t i = m0 + idx / out_chunks;
       *reinterpret_cast<uint4*>(out + p.out_offset(b, i, h) + (idx % out_chunks) * 8) = make_uint4(0, 0, 0, 0);
     }
-    for (int r = tid; r < rows; r += Tr::kThreads) p.lse[p.lse_offset(b, m0 + r, h)] = kNegInf;
+    if (p.lse)
+      for (int r = tid; r < rows; r += Tr::kThreads) p.lse[p.lse_offset(b, m0 + r, h)] = kNegInf;
     return;
   }
 
@@ -446,7 +447,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
         for (int dt = 0; dt < kDTiles; ++dt)
           *reinterpret_cast<uint32_t*>(smem_q + r * kPitch + dt * 8 + 2 * t) =
               ptx::pack2<T>(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
-        if (t == 0 && r < rows)
+        if (t == 0 && r < rows && p.lse)  // null: the caller wants no LSE
           p.lse[p.lse_offset(b, m0 + r, h)] = l > 0.0f ? (row_max[mt][hh] + log2f(l)) * detail::kLn2 : kNegInf;
       }
     __syncwarp();
