@@ -1267,6 +1267,62 @@ TEST(CudaDispatch, UnknownOverrideIsAnError) {
 #endif
 }
 
+// ---- no LSE wanted -----------------------------------------------------------------------------------
+// A default Tensor{} as lse: the same output bits as with an LSE, on every kernel family (sm90 where
+// the GPU has it, sm80, the decode kernel split and not, the main kernel's split path).
+TEST(CudaForward, OmittedLseGivesTheSameOutput) {
+  SKIP_WITHOUT_GPU();
+  struct Shape {
+    int b, sq, sk, h, hk, d, splits;
+    bool causal;
+    const char* what;
+  };
+  const Shape shapes[] = {{2, 300, 300, 4, 2, 128, 0, true, "prefill"},
+                          {1, 257, 1000, 2, 2, 64, 1, false, "prefill d64"},
+                          {2, 1, 3000, 8, 2, 128, 0, false, "decode, split heuristic"},
+                          {2, 1, 3000, 8, 2, 128, 1, false, "decode, no split"},
+                          {1, 200, 4000, 2, 1, 64, 3, true, "main kernel, 3 splits"}};
+  for (const Shape& s : shapes) {
+    SCOPED_TRACE(s.what);
+    const int64_t nq = int64_t(s.b) * s.sq * s.h * s.d, nk = int64_t(s.b) * s.sk * s.hk * s.d;
+    DeviceBuffer q(2, nq), k(2, nk), v(2, nk), o1(2, nq), o2(2, nq), l(4, int64_t(s.b) * s.h * s.sq);
+    std::mt19937_64 rng(seed_for(s.what));
+    auto fill = [&](const DeviceBuffer& buf) {
+      std::vector<uint8_t> h = buf.download();
+      for (size_t i = DeviceBuffer::kGuard; i + 2 <= h.size() - DeviceBuffer::kGuard; i += 2) {
+        const uint16_t x = 0x3c00 ^ uint16_t(rng() & 0x83ff);  // random bf16 of magnitude 2^-8 .. 2, either sign
+        std::memcpy(&h[i], &x, 2);
+      }
+      ASSERT_TRUE(buf.upload(h));
+    };
+    fill(q);
+    fill(k);
+    fill(v);
+    const Device dev = Device::cuda(0);
+    const Tensor tq = Tensor::contiguous(q.data(), DType::bf16, {s.b, s.sq, s.h, s.d}, dev);
+    const Tensor tk = Tensor::contiguous(k.data(), DType::bf16, {s.b, s.sk, s.hk, s.d}, dev);
+    const Tensor tv = Tensor::contiguous(v.data(), DType::bf16, {s.b, s.sk, s.hk, s.d}, dev);
+    const Tensor t1 = Tensor::contiguous(o1.data(), DType::bf16, {s.b, s.sq, s.h, s.d}, dev);
+    const Tensor t2 = Tensor::contiguous(o2.data(), DType::bf16, {s.b, s.sq, s.h, s.d}, dev);
+    const Tensor tl = Tensor::contiguous(l.data(), DType::f32, {s.b, s.h, s.sq}, dev);
+    Options opt;
+    opt.causal = s.causal;
+    opt.num_splits = s.splits;
+    const std::vector<uint8_t> before = o2.download();
+    ASSERT_NO_THROW(flashattn::forward(tq, tk, tv, t1, tl, opt));
+    ASSERT_NO_THROW(flashattn::forward(tq, tk, tv, t2, Tensor{}, opt));
+    CUDA_OK(cudaDeviceSynchronize());
+    // The data regions (the guards around them were never written and may differ).
+    auto data = [&](const std::vector<uint8_t>& h) {
+      return std::vector<uint8_t>(h.begin() + DeviceBuffer::kGuard, h.begin() + DeviceBuffer::kGuard + 2 * nq);
+    };
+    const std::vector<uint8_t> a = data(o1.download()), b = data(o2.download());
+    EXPECT_NE(b, data(before)) << "the call without LSE wrote nothing";
+    EXPECT_EQ(a, b) << "kernel: "
+                    << flashattn::cuda::forward_kernel(flashattn::core::check_forward(tq, tk, tv, t2, Tensor{}, opt, nullptr));
+  }
+}
+
 // ---- merge ---------------------------------------------------------------------------------------
 // The CUDA merge against the CPU merge: 16-byte loads (d_v % 4 == 0) and the scalar path, few
 // splits and more than one load round per warp, rows empty in every split.

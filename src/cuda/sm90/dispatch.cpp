@@ -73,7 +73,6 @@ std::string coverage_problem(const AttnParams& p, int device, int* head_dim) {
   if (p.seqlen_q + p.seqlen_k >= (int64_t(1) << 30)) return "seqlen_q + seqlen_k >= 2^30 (the kernel's key bounds are int)";
   const int block_m = fwd_tile(*head_dim).block_m;
   if ((p.seqlen_q + block_m - 1) / block_m * p.heads * p.batch > INT_MAX) return "more than 2^31 - 1 query blocks";
-  if (!p.lse) return "no LSE output";
   const TensorView4d views[4] = {
       {p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads, p.batch, p.q_stride.row, p.q_stride.head, p.q_stride.batch},
       {p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_k, p.batch, p.k_stride.row, p.k_stride.head, p.k_stride.batch},

@@ -67,7 +67,7 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
   }
   if (thread_in_wg == 0) ptx::tma_store_commit();  // possibly an empty group: waits count groups
 
-  if (t == 0) {
+  if (t == 0 && p.lse) {  // null: the caller wants no LSE
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int row = row0 + warp * 16 + g + 8 * hh;
