@@ -1,84 +1,105 @@
 #!/usr/bin/env bash
-# The GPU session in one call, on the device machine, from anywhere in the repo:
-#   bash bench/gpu/run_device.sh [quick]
-# 1. binaries: prebuilt ones from $PREBUILT (default build-carry/: flashattn_cuda_tests,
-#    flashattn-gpu-bench, and lib/ with any shared libraries they need) when present, otherwise a
-#    build here (cmake, FLASHATTN_CUDA_ARCHS="80;90", 16 jobs; needs OpenBLAS and GoogleTest);
-# 2. the GPU tests (all of them);
-# 3. compute-sanitizer memcheck on a small subset, racecheck on one case;
-# 4. bench/gpu/bench_sdpa.py: ours vs PyTorch SDPA flash and cuDNN (DESIGN §6 convention).
-# Everything is logged under $OUT (default ./device-out): env.txt, tests.log, sanitizer.log,
-# bench.log, bench.{md,json} (d 64/128) and bench-extra.{md,json} (d 96/192/256). "quick" skips
-# the sanitizers.
+# The GPU session of a change, on the device machine, in two calls that each fit its time limit:
+#   bash bench/gpu/run_device.sh check [DIR]   GPU tests, flashattn-bench, sanitizers, Python package
+#   bash bench/gpu/run_device.sh bench [DIR]   forward / backward / decode vs PyTorch SDPA, build time
+# DIR (default build-carry/) holds binaries built elsewhere from this commit: flashattn_cuda_tests,
+# flashattn-gpu-bench, flashattn-bench, and lib.tar.xz with the shared libraries they need
+# (OpenBLAS for the oracle). Build them on the CPU machine with
+#   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA=ON \
+#         -DFLASHATTN_CUDA_ARCHS=90a -DFLASHATTN_BUILD_PYTHON=OFF
+#   cmake --build build-gpu --target flashattn_cuda_tests flashattn-gpu-bench flashattn-bench
+# Everything is logged under $OUT (default ./device-out); the most important step runs first, so a
+# call cut off by its limit loses the least.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+MODE=${1:?usage: run_device.sh check|bench [DIR]}
+DIR=$(cd "${2:-build-carry}" && pwd)
 OUT=${OUT:-$ROOT/device-out}
 mkdir -p "$OUT"
-PREBUILT=${PREBUILT:-$ROOT/build-carry}
-MODE=${1:-full}
 export PYTHONUNBUFFERED=1
+[[ -d $DIR/lib || ! -f $DIR/lib.tar.xz ]] || tar -xJf "$DIR/lib.tar.xz" -C "$DIR"
+export LD_LIBRARY_PATH=$DIR/lib:${LD_LIBRARY_PATH:-}
+TESTS=$DIR/flashattn_cuda_tests
+GPU_BENCH=$DIR/flashattn-gpu-bench
 
-{ nvidia-smi; nvcc --version 2>/dev/null | tail -2; python3 -c "import torch; print('torch', torch.__version__)";
-  git log -1 --format='commit %H' 2>/dev/null; } > "$OUT/env.txt" 2>&1
-head -20 "$OUT/env.txt"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
+  nvcc --version | tail -1
+  python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+  git log -1 --format='commit %H %s' 2>/dev/null; } > "$OUT/env-$MODE.txt" 2>&1
+cat "$OUT/env-$MODE.txt"
 
-if [[ -x $PREBUILT/flashattn_cuda_tests ]]; then
-  echo "== using prebuilt binaries from $PREBUILT"
-  # Shared libraries may travel packed (lib.tar.xz) to keep the carried tree small.
-  [[ -f $PREBUILT/lib.tar.xz && ! -d $PREBUILT/lib ]] && tar -xJf "$PREBUILT/lib.tar.xz" -C "$PREBUILT"
-  TESTS=$PREBUILT/flashattn_cuda_tests
-  BENCH_BIN=$PREBUILT/flashattn-gpu-bench
-  MAIN_BIN=$PREBUILT/flashattn-bench
-  LIBS=$PREBUILT/lib
-else
-  echo "== building (FLASHATTN_CUDA_ARCHS=80;90)"
-  if ! { cmake -S . -B build-device -G Ninja -DFLASHATTN_CUDA=ON -DFLASHATTN_CUDA_ARCHS="80;90" \
-           && cmake --build build-device -j16; } > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"
-    echo "build failed"
-    exit 1
-  fi
-  TESTS=build-device/tests/cuda/flashattn_cuda_tests
-  BENCH_BIN=build-device/bench/gpu/flashattn-gpu-bench
-  MAIN_BIN=build-device/apps/flashattn-bench
-  LIBS=""
-fi
-# Our binaries (only they) see the carried libraries.
-run_ours() { LD_LIBRARY_PATH=${LIBS:+$LIBS:}${LD_LIBRARY_PATH:-} "$@"; }
-cat > /tmp/flashattn-gpu-bench.sh <<WRAP
-#!/usr/bin/env bash
-LD_LIBRARY_PATH=${LIBS:+$LIBS:}\${LD_LIBRARY_PATH:-} exec "$BENCH_BIN" "\$@"
-WRAP
-chmod +x /tmp/flashattn-gpu-bench.sh
+check() {
+  echo "== GPU tests (all)"
+  timeout 240 "$TESTS" > "$OUT/tests.log" 2>&1
+  echo "tests exit code $?"
+  grep -E "^\[  (PASSED|FAILED) |^\[  SKIPPED \] [0-9]| tests ran" "$OUT/tests.log" | tail -25
 
-echo "== GPU tests"
-run_ours "$TESTS" 2>&1 > "$OUT/tests.log"
-echo "tests exit code $?"
-grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[summary\]|tests ran" "$OUT/tests.log" | tail -40
+  echo "== flashattn-bench, default problem (picks the GPU), checked against the oracle"
+  timeout 60 "$DIR/flashattn-bench" 2>&1 | tee "$OUT/main-bench.log"
+  echo "flashattn-bench exit code ${PIPESTATUS[0]}"
 
-echo "== flashattn-bench, default problem (picks the GPU), checked against the oracle"
-run_ours "$MAIN_BIN" 2>&1 | tee "$OUT/main-bench.log"
-echo "flashattn-bench exit code ${PIPESTATUS[0]}"
-
-if [[ $MODE != quick ]]; then
-  echo "== compute-sanitizer memcheck (subset)"
-  run_ours compute-sanitizer --tool memcheck --error-exitcode 3 "$TESTS" \
-    --gtest_filter='Grid/CudaForward.MatchesOracle/d64_*:Grid/CudaForward.MatchesOracle/d256_*:Grid/CudaForward.MatchesOracle/d40_*:Grid/CudaForward.MatchesOracle/varlen_*:Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:CudaMerge.*:CudaErrors.*' \
+  echo "== compute-sanitizer memcheck (a small subset of every kernel family)"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$TESTS" \
+    --gtest_filter='Grid/CudaForward.MatchesOracle/d64_*:Grid/CudaForward.MatchesOracle/d40_*:Grid/CudaForward.MatchesOracle/varlen_*:Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:SplitKV/*decode*:CudaMerge.*:CudaErrors.*:Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaBackward.MatchesOracle/d40_sq65_sk63*:Grid/CudaBackward.MatchesOracle/varlen_fp16_window_bhsd:Grid/CudaBackward.MatchesOracle/d256_sq1_sk64*:CudaBackwardErrors.*' \
     > "$OUT/sanitizer.log" 2>&1
   echo "memcheck exit code $?"
-  grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$OUT/sanitizer.log" | tail -5
-  echo "== compute-sanitizer racecheck (one case)"
-  run_ours compute-sanitizer --tool racecheck --error-exitcode 3 "$TESTS" \
-    --gtest_filter='Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaForward.MatchesOracle/varlen_bf16_softcap_alibi_d96' \
+  grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$OUT/sanitizer.log" | tail -4
+  echo "== compute-sanitizer racecheck (forward, split-KV decode, backward)"
+  timeout 90 compute-sanitizer --tool racecheck --error-exitcode 3 "$TESTS" \
+    --gtest_filter='Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:SplitKV/CudaForward.MatchesOracle/decode_sq7_group8_window_splits5:Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows' \
     > /tmp/racecheck.log 2>&1
   echo "racecheck exit code $?"
   cat /tmp/racecheck.log >> "$OUT/sanitizer.log"
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^\[  (PASSED|FAILED) " /tmp/racecheck.log | tail -5
-fi
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^\[  (PASSED|FAILED) " /tmp/racecheck.log | tail -4
 
-echo "== benchmark"
-python3 bench/gpu/bench_sdpa.py --ours /tmp/flashattn-gpu-bench.sh --out "$OUT" 2>&1 | tee "$OUT/bench.log"
-echo "== benchmark, other head dims"
-python3 bench/gpu/bench_sdpa.py --ours /tmp/flashattn-gpu-bench.sh --out "$OUT" --name bench-extra \
-  --head-dims 96,192,256 --seqlens 2048,8192 2>&1 | tee -a "$OUT/bench.log"
+  echo "== Python package: build + install with CUDA, drop-in script, overhead, pytest"
+  # The image's default compiler links libstdc++ statically, and the extension then crashes while
+  # building a flashattn::Error message: build with the system compiler.
+  export FLASHATTN_CUDA=ON CMAKE_ARGS="-DFLASHATTN_CUDA_ARCHS=90a" CXX=/usr/bin/g++ CC=/usr/bin/gcc \
+         CUDAHOSTCXX=/usr/bin/g++ CMAKE_BUILD_PARALLEL_LEVEL=16
+  local start=$SECONDS
+  if ! python3 -m pip install --no-build-isolation --no-deps --disable-pip-version-check . > "$OUT/pip.log" 2>&1; then
+    tail -40 "$OUT/pip.log"
+    echo "Python package build FAILED"
+    return
+  fi
+  echo "build + install: $((SECONDS - start)) s"
+  (cd tests/python && timeout 60 python3 test_dropin.py) 2>&1 | tail -5
+  (cd /tmp && timeout 90 python3 "$ROOT/python/examples/overhead.py") 2>&1 | tail -16
+  start=$SECONDS
+  (cd /tmp && OMP_NUM_THREADS=2 FLASHATTN_EXPLAIN_LOG="$OUT/explain.txt" timeout 300 python3 -m pytest \
+     "$ROOT/tests/python" -q -p no:cacheprovider -n 8 -rs 2>&1 | grep -v '^\[transformers\]' > "$OUT/pytest.txt")
+  echo "pytest in $((SECONDS - start)) s"
+  tail -25 "$OUT/pytest.txt"
+  grep -E "Graph Count|Graph Break Count" "$OUT/explain.txt" 2>/dev/null | sort | uniq -c
+}
+
+bench() {
+  echo "== forward vs SDPA (16k tokens, dim 2048, bf16)"
+  timeout 200 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --ours-sm80 --out "$OUT" --name forward \
+    --head-dims 64,128,256 --seqlens 512,1024,2048,4096,8192,16384 2>&1 | tail -45
+  echo "== backward vs SDPA"
+  timeout 150 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --bwd --out "$OUT" --name backward \
+    --head-dims 64,128 --seqlens 1024,2048,4096,8192,16384 2>&1 | tail -25
+  echo "== decode vs SDPA (TB/s)"
+  timeout 150 python3 bench/gpu/bench_decode.py --ours "$GPU_BENCH" --out "$OUT" 2>&1 | tail -20
+  echo "== full library build on this machine's cores (CUDA archs 80;90a, every head dim)"
+  local build=/tmp/build-time
+  rm -rf "$build"
+  if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA=ON \
+       -DFLASHATTN_BUILD_TESTS=OFF -DFLASHATTN_BUILD_APPS=OFF -DFLASHATTN_BUILD_PYTHON=OFF \
+       -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ > "$OUT/build-time.log" 2>&1; then
+    local start=$SECONDS
+    timeout 200 cmake --build "$build" -j"$(nproc)" >> "$OUT/build-time.log" 2>&1
+    echo "build exit code $? in $((SECONDS - start)) s on $(nproc) cores"
+  else
+    tail -20 "$OUT/build-time.log"
+  fi
+}
+
+case $MODE in
+  check) check ;;
+  bench) bench ;;
+  *) echo "usage: run_device.sh check|bench [DIR]"; exit 2 ;;
+esac
