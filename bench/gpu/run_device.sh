@@ -8,6 +8,8 @@
 #   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA=ON \
 #         -DFLASHATTN_CUDA_ARCHS=90a -DFLASHATTN_BUILD_PYTHON=OFF
 #   cmake --build build-gpu --target flashattn_cuda_tests flashattn-gpu-bench flashattn-bench
+# and write the commit they were built from into DIR/COMMIT (the device's copy of the tree has no
+# up-to-date git history).
 # Everything is logged under $OUT (default ./device-out); the most important step runs first, so a
 # call cut off by its limit loses the least.
 set -uo pipefail
@@ -26,7 +28,7 @@ GPU_BENCH=$DIR/flashattn-gpu-bench
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
   nvcc --version | tail -1
   python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
-  git log -1 --format='commit %H %s' 2>/dev/null; } > "$OUT/env-$MODE.txt" 2>&1
+  echo "binaries built from commit $(cat "$DIR/COMMIT" 2>/dev/null || echo unknown)"; } > "$OUT/env-$MODE.txt" 2>&1
 cat "$OUT/env-$MODE.txt"
 
 check() {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -924,11 +925,17 @@ TEST(CudaBackwardErrors, DoutRowStrideNotMultipleOf8) {
 
 TEST(CudaBackwardErrors, HeadDimNotMultipleOf8) {
   SKIP_WITHOUT_GPU();
-  DeviceBuffer b(2, 4 * 36), l(4, 4);
+  // Separate buffers: outputs that alias inputs would be refused first, naming another argument.
+  std::vector<std::unique_ptr<DeviceBuffer>> bufs;
   const Device dev = Device::cuda(0);
-  Tensor x = Tensor::contiguous(b.data(), DType::bf16, {1, 4, 1, 36}, dev);
-  Tensor tl = Tensor::contiguous(l.data(), DType::f32, {1, 1, 4}, dev);
-  expect_error("q", [&] { flashattn::backward(x, x, x, x, x, tl, x, x, x); });
+  auto make = [&] {
+    bufs.push_back(std::make_unique<DeviceBuffer>(2, 4 * 36));
+    return Tensor::contiguous(bufs.back()->data(), DType::bf16, {1, 4, 1, 36}, dev);
+  };
+  const Tensor dout = make(), q = make(), k = make(), v = make(), out = make(), dq = make(), dk = make(), dv = make();
+  DeviceBuffer l(4, 4);
+  const Tensor tl = Tensor::contiguous(l.data(), DType::f32, {1, 1, 4}, dev);
+  expect_error("q", [&] { flashattn::backward(dout, q, k, v, out, tl, dq, dk, dv); });
 }
 
 TEST(CudaBackwardErrors, GradientOnTheHost) {
