@@ -26,8 +26,13 @@ def check_dropout(dropout_p, name="dropout_p"):
         raise unsupported(name, f"dropout ({name}={dropout_p!r}; only 0.0 runs)")
 
 
+NO_WINDOW = (-1, -1)
+
+
 def window_pair(window_size):
     """(left, right) ints from flash_attn's window_size; -1 = unbounded."""
+    if window_size is NO_WINDOW:  # the functions' default (this object): nothing to check
+        return -1, -1
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise error("window_size", "a pair (left, right) of ints, -1 = unbounded", repr(window_size))
     return int(window_size[0]), int(window_size[1])

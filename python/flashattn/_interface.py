@@ -5,7 +5,7 @@ CUDA graphs)."""
 from __future__ import annotations
 
 from . import _numpy
-from ._checks import check_dropout, check_rank, error, scale_or_none, unsupported, window_pair
+from ._checks import NO_WINDOW, check_dropout, check_rank, error, scale_or_none, unsupported, window_pair
 
 try:
     import torch
@@ -27,13 +27,16 @@ _BATCHED = "(batch, seqlen, heads, head_dim)"
 _PACKED = "(total_tokens, heads, head_dim)"
 
 
-def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
-    check_dropout(dropout_p)
+def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+               want_lse):
+    """-> (out, lse); torch tensors in plain eager without a gradient give lse None unless want_lse."""
+    if dropout_p:
+        check_dropout(dropout_p)
     left, right = window_pair(window_size)
-    scale = scale_or_none(softmax_scale)
+    scale = None if softmax_scale is None else float(softmax_scale)
     if isinstance(q, _Tensor):  # ranks and the rest are checked by the kernel and the C++ library
         return _ops.forward(q, k, v, scale, bool(causal), left, right, float(softcap), alibi_slopes,
-                            bool(deterministic))
+                            bool(deterministic), want_lse)
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k, "k", 4, _BATCHED)
     check_rank(v, "v", 4, _BATCHED)
@@ -41,7 +44,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
 
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                      causal, window_size, softcap, alibi_slopes, deterministic, block_table=None):
+                      causal, window_size, softcap, alibi_slopes, deterministic, block_table, want_lse):
     check_dropout(dropout_p)
     if block_table is not None:
         raise unsupported("block_table", "a paged KV cache")
@@ -52,22 +55,23 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     scale = scale_or_none(softmax_scale)
     if isinstance(q, _Tensor):
         return _ops.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                   scale, bool(causal), left, right, float(softcap), alibi_slopes, bool(deterministic))
+                                   scale, bool(causal), left, right, float(softcap), alibi_slopes, bool(deterministic),
+                                   want_lse)
     return _numpy.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                  bool(causal), left, right, float(softcap), alibi_slopes)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, heads, d), k (batch, seqlen_k, heads_k, d), v (batch, seqlen_k, heads_k, d_v)
     -> out (batch, seqlen_q, heads, d_v); with return_attn_probs, (out, softmax_lse (batch, heads, seqlen_q), None).
     Causal and window masks are aligned bottom-right (query i sees key j iff j <= i + seqlen_k - seqlen_q)."""
     out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic)
+                          deterministic, return_attn_probs)
     return (out, lse, None) if return_attn_probs else out
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW,
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv (batch, seqlen, 3, heads, d): views, no copies."""
     check_rank(qkv, "qkv", 5, "(batch, seqlen, 3, heads, head_dim)")
@@ -77,7 +81,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW,
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, heads, d), kv (batch, seqlen_k, 2, heads_k, d)."""
     check_rank(kv, "kv", 5, "(batch, seqlen_k, 2, heads_k, head_dim)")
@@ -88,19 +92,19 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """Packed sequences: q (total_q, heads, d), k/v (total_k, heads_k, d), cu_seqlens_* int32 (batch + 1)
     -> out (total_q, heads, d_v); softmax_lse is (heads, total_q). On CUDA the cu_seqlens values are
     trusted (reading them would synchronise): max_seqlen_* must bound every sequence."""
     out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                 block_table)
+                                 block_table, return_attn_probs)
     return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """qkv (total, 3, heads, d)."""
     check_rank(qkv, "qkv", 4, "(total_tokens, 3, heads, head_dim)")
@@ -112,7 +116,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (total_q, heads, d), kv (total_k, 2, heads_k, d)."""
     check_rank(kv, "kv", 4, "(total_tokens, 2, heads_k, head_dim)")

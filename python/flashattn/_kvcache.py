@@ -8,11 +8,10 @@ cache_seqlens:
 - None: the whole cache is valid;
 - an int: every sequence has that many valid tokens (a view of the cache, no copy);
 - a tensor (batch,) of ints (int32 as in flash_attn; other integer dtypes are converted): per-sequence
-  lengths. The C++ API has no per-sequence key count for dense batches yet, so this runs through its
-  varlen entry: the cache rows become one strided view, and cu_seqlens_k interleaves each sequence's
-  valid rows with the unused rows after them as query-less sequences. Exact (the same kernel and the
-  same per-sequence causal/window/ALiBi alignment), no copy, and no host read of the lengths, so
-  a CUDA decode step stays graph-capturable. On CUDA the lengths are trusted (<= seqlen_cache).
+  lengths, the C++ API's Options::seqused_k: the kernels read them on the device over the cache as it
+  is (no copy, no host read, so a CUDA decode step stays graph-capturable; CUDA's decode kernel with
+  split-KV runs on it), causal/window/ALiBi aligned on each sequence's own length. On CUDA the lengths
+  are trusted (<= seqlen_cache), as in flash_attn; on the CPU the C++ library checks them.
 
 Appending: k/v (batch, seqlen_new, heads_k, d) are written at positions cache_seqlens[b] ..
 cache_seqlens[b] + seqlen_new - 1 of k_cache/v_cache (plain torch/numpy indexing, in place), and attention
@@ -26,7 +25,7 @@ import numbers
 import numpy as np
 
 from . import _numpy
-from ._checks import check_rank, error, scale_or_none, unsupported, window_pair
+from ._checks import NO_WINDOW, check_rank, error, scale_or_none, unsupported, window_pair
 from ._interface import _Tensor, _ops, torch
 
 _BATCHED = "(batch, seqlen, heads, head_dim)"
@@ -34,7 +33,7 @@ _BATCHED = "(batch, seqlen, heads, head_dim)"
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     """q (batch, seqlen_q, heads, d), k_cache/v_cache (batch, seqlen_cache, heads_k, d / d_v)
     -> out (batch, seqlen_q, heads, d_v); with return_softmax_lse, (out, softmax_lse (batch, heads, seqlen_q)).
@@ -50,6 +49,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             if value is not None:
                 raise unsupported(name, what)
     left, right = window_pair(window_size)
+    opts = (scale_or_none(softmax_scale), bool(causal), left, right, float(softcap), alibi_slopes, int(num_splits))
+    if (type(q) is _Tensor and k is None and v is None and (cache_seqlens is None or type(cache_seqlens) is _Tensor)
+            and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4):
+        # A decode step's usual call: nothing to append, the rest checked by the C++ library.
+        out, lse = _torch_attend(q, k_cache, v_cache, cache_seqlens, opts, return_softmax_lse)
+        return (out, lse) if return_softmax_lse else out
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k_cache, "k_cache", 4, "(batch, seqlen_cache, heads_k, head_dim)")
     check_rank(v_cache, "v_cache", 4, "(batch, seqlen_cache, heads_k, head_dim_v)")
@@ -63,9 +68,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not (cache_seqlens is None or isinstance(cache_seqlens, (int, numbers.Integral))
             or hasattr(cache_seqlens, "shape")):
         raise error("cache_seqlens", "None, an int or a (batch,) integer tensor", type(cache_seqlens).__name__)
-    opts = (scale_or_none(softmax_scale), bool(causal), left, right, float(softcap), alibi_slopes, int(num_splits))
     if isinstance(q, _Tensor):
-        out, lse = _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts)
+        out, lse = _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts, return_softmax_lse)
     else:
         out, lse = _numpy_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts)
     return (out, lse) if return_softmax_lse else out
@@ -82,7 +86,25 @@ def _check_length(length, seqlen_cache):
         raise error("cache_seqlens", f"lengths between 0 and seqlen_cache = {seqlen_cache}", str(length))
 
 
-def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts):
+# The C++ library names the arguments of its forward: here they are the cache and its lengths.
+_RENAMED = (("'k'", "'k_cache'"), ("'v'", "'v_cache'"), ("'seqused_k'", "'cache_seqlens'"))
+
+
+def _torch_attend(q, k_cache, v_cache, lengths, opts, want_lse):
+    """Attention over the caches, lengths None or a (batch,) tensor (validated by the C++ library,
+    whose errors are renamed to this function's arguments)."""
+    try:
+        return _ops.kvcache(q, k_cache, v_cache, lengths, *opts, want_lse)
+    except ValueError as e:
+        message = str(e)
+        for name, ours in _RENAMED:
+            prefix = f"flashattn: invalid argument {name}"
+            if message.startswith(prefix):
+                raise ValueError(f"flashattn: invalid argument {ours}" + message[len(prefix):]) from None
+        raise
+
+
+def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts, want_lse):
     seqlen_cache = k_cache.shape[1]
     lengths = None
     if isinstance(cache_seqlens, (int, numbers.Integral)):
@@ -95,23 +117,20 @@ def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts):
         _check_length(length, seqlen_cache)
         k_cache, v_cache = k_cache[:, :length], v_cache[:, :length]
     elif cache_seqlens is not None:
-        if not isinstance(cache_seqlens, _Tensor) or cache_seqlens.dim() != 1 or \
-                cache_seqlens.shape[0] != q.shape[0] or cache_seqlens.is_floating_point():
+        if not isinstance(cache_seqlens, _Tensor) or cache_seqlens.is_floating_point():
             raise error("cache_seqlens", f"an int or an integer tensor of shape [batch] = [{q.shape[0]}]",
                         f"{type(cache_seqlens).__name__} {list(getattr(cache_seqlens, 'shape', []))}")
-        if cache_seqlens.device != q.device:
-            raise error("cache_seqlens", f"device {q.device} (that of q)", str(cache_seqlens.device))
         lengths = cache_seqlens
         if k is not None:
+            if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != q.shape[0]:
+                raise error("cache_seqlens", f"an integer tensor of shape [batch] = [{q.shape[0]}]",
+                            str(list(cache_seqlens.shape)))
             rows = torch.arange(q.shape[0], device=q.device)[:, None]
             positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
             k_cache[rows, positions] = k  # index_put_: in place, no host read of the lengths
             v_cache[rows, positions] = v
             lengths = cache_seqlens + k.shape[1]
-        if not lengths.is_cuda and not torch.compiler.is_compiling():  # CPU values are free to check
-            for length in lengths.tolist():
-                _check_length(length, seqlen_cache)
-    return _ops.kvcache(q, k_cache, v_cache, lengths, *opts)
+    return _torch_attend(q, k_cache, v_cache, lengths, opts, want_lse)
 
 
 def _numpy_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts):

@@ -51,6 +51,9 @@ if _to_dlpack is None:  # a torch without the private exporter: nanobind calls _
         return t.detach()  # __dlpack__ refuses tensors that require grad
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_empty_like = torch.empty_like
+_CONTIGUOUS = torch.contiguous_format
+_F32, _I32 = torch.float32, torch.int32
 
 
 def _stream(t):
@@ -80,24 +83,28 @@ def _need_rank(t, name, rank, layout):
 def _empty_out(q, v):
     """A row-major tensor like q with v's head dim (empty_like is the cheapest allocation in eager)."""
     if v.shape[-1] == q.shape[-1]:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+        return _empty_like(q, memory_format=_CONTIGUOUS)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _lse(q):
+    _need_rank(q, "q", 4, "(batch, seqlen_q, heads, head_dim)")
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_F32)
+
+
+def _varlen_lse(q):
+    _need_rank(q, "q", 3, "(total_q, heads, head_dim)")
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=_F32)
 
 
 # Output allocation, shared by the kernels and the fake implementations so that both give the same
 # shapes, dtypes and strides.
 def _fwd_outputs(q, v):
-    _need_rank(q, "q", 4, "(batch, seqlen_q, heads, head_dim)")
-    out = _empty_out(q, v)
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    return out, lse
+    return _empty_out(q, v), _lse(q)
 
 
 def _varlen_outputs(q, v):
-    _need_rank(q, "q", 3, "(total_q, heads, head_dim)")
-    out = _empty_out(q, v)
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    return out, lse
+    return _empty_out(q, v), _varlen_lse(q)
 
 
 def _grads(q, k, v):
@@ -117,21 +124,44 @@ def _define(schema, kernel, fake):
 
 _OPTIONS = "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes"
 
+# ---- the forward calls themselves (operator kernels and the eager route) -------------------------
+
+
+def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
+                 num_splits, seqused_k, want_lse):
+    """Dense batches: (out, lse), lse None when not wanted (the C++ forward then skips it: one
+    allocation less per call). seqused_k: int32 (batch) keys used per sequence, or None."""
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):  # one cheap test for the usual case
+        q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    out = _empty_out(q, v)
+    lse = _lse(q) if want_lse else None
+    _C.forward(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), None if lse is None else _to_dlpack(lse),
+               softmax_scale, causal, window_left, window_right, softcap,
+               None if alibi_slopes is None else _to_dlpack(alibi_slopes), deterministic, 0, num_splits, _stream(q),
+               None if seqused_k is None else _to_dlpack(seqused_k))
+    return out, lse
+
+
+def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                window_right, softcap, alibi_slopes, deterministic, num_splits, want_lse):
+    """Packed sequences: (out, lse), lse None when not wanted."""
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    out = _empty_out(q, v)
+    lse = _varlen_lse(q) if want_lse else None
+    _C.forward_varlen(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
+                      None if lse is None else _to_dlpack(lse), _to_dlpack(cu_seqlens_q), _to_dlpack(cu_seqlens_k),
+                      max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
+                      _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q))
+    return out, lse
+
+
 # ---- dense batches -------------------------------------------------------------------------------
 
 
 def _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
                 num_splits):
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    out, lse = _fwd_outputs(q, v)
-    _C.forward(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse), softmax_scale, causal,
-               window_left, window_right, softcap, _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q))
-    return out, lse
+    return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                        deterministic, num_splits, None, True)
 
 
 def _fwd_fake(q, k, v, *options):
@@ -190,13 +220,8 @@ _VARLEN = "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_s
 
 def _varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                        window_left, window_right, softcap, alibi_slopes, deterministic, num_splits):
-    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
-    out, lse = _varlen_outputs(q, v)
-    _C.forward_varlen(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
-                      _to_dlpack(cu_seqlens_q), _to_dlpack(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
-                      softmax_scale, causal, window_left, window_right, softcap, _capsule(alibi_slopes),
-                      deterministic, 0, num_splits, _stream(q))
-    return out, lse
+    return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                       window_left, window_right, softcap, alibi_slopes, deterministic, num_splits, True)
 
 
 def _varlen_fwd_fake(q, k, v, *rest):
@@ -246,69 +271,27 @@ torch.library.register_autograd("flashattn::varlen_bwd", _no_double_backward, li
 # ---- KV cache (inference) ------------------------------------------------------------------------
 
 
-def _row_period(cache):
-    """m such that batch b's row s of a (batch, seqlen_cache, heads_k, d) cache sits at row b * m + s of
-    one strided (rows, heads_k, d) view; None when the layout has no such period."""
-    batch, seqlen = cache.shape[0], cache.shape[1]
-    if batch <= 1:
-        return seqlen
-    s0, s1 = cache.stride(0), cache.stride(1)
-    if s1 > 0 and s0 % s1 == 0 and s0 // s1 >= seqlen:
-        return s0 // s1
-    return None
-
-
-def _cache_rows(k_cache, v_cache):
-    """Both caches as (rows, heads_k, d) views over their own storage (no copy unless the two layouts
-    differ or have no row period), and the period m."""
-    period = _row_period(k_cache)
-    if period is None or period != _row_period(v_cache):
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-        period = k_cache.shape[1]
-    rows = (k_cache.shape[0] - 1) * period + k_cache.shape[1]
-
-    def view(c):
-        return c.as_strided((rows, c.shape[2], c.shape[3]), (c.stride(1), c.stride(2), c.stride(3)),
-                            c.storage_offset())
-
-    return view(k_cache), view(v_cache), period
-
-
-def _interleaved(starts, lengths):
-    """cu_seqlens [s0, s0+l0, s1, s1+l1, ..., s_last+l_last] (2*batch values, 2*batch - 1 sequences):
-    the real sequences at even indices, the gaps between them (what lies beyond each cache's
-    length) as the odd sequences, which get no query row."""
-    return torch.stack((starts, starts + lengths), dim=1).flatten()
+def _seqused(cache_seqlens):
+    """The lengths as the C++ API's seqused_k wants them: int32, contiguous (a no-op when they are;
+    other integer dtypes are converted, as flash_attn_with_kvcache promises)."""
+    if cache_seqlens is None or (cache_seqlens.dtype is _I32 and cache_seqlens.is_contiguous()):
+        return cache_seqlens
+    if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype is torch.bool:
+        raise error("cache_seqlens", "an integer tensor (int32)", str(cache_seqlens.dtype))
+    return cache_seqlens.to(_I32).contiguous()
 
 
 def _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
                     alibi_slopes, num_splits):
-    if cache_seqlens is None or q.shape[0] == 0:
-        return _fwd_kernel(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
-                           alibi_slopes, False, num_splits)
-    # Per-sequence cache lengths through the varlen entry, exact and without a host read of the
-    # lengths: 2*batch - 1 packed sequences over the caches' own rows (see _interleaved), the queries
-    # of sequence b at even index 2b. Causal/window/ALiBi then align on each cache's own length.
-    batch, seqlen_q, heads, _ = q.shape
-    k_rows, v_rows, period = _cache_rows(k_cache, v_cache)
-    index = torch.arange(batch, dtype=torch.int32, device=q.device)
-    cu_k = _interleaved(index * period, cache_seqlens.to(torch.int32))
-    cu_q = _interleaved(index * seqlen_q, torch.full_like(index, seqlen_q))
-    if alibi_slopes is not None and alibi_slopes.dim() == 2:  # (batch, heads): one row per packed sequence
-        alibi_slopes = alibi_slopes.repeat_interleave(2, dim=0)[: 2 * batch - 1]
-    out, lse = _varlen_fwd_kernel(q.reshape(batch * seqlen_q, heads, q.shape[3]), k_rows, v_rows,
-                                  cu_q, cu_k, seqlen_q, period, softmax_scale,
-                                  causal, window_left, window_right, softcap, alibi_slopes, False, num_splits)
-    return out.view(batch, seqlen_q, heads, out.shape[-1]), lse.view(heads, batch, seqlen_q).permute(1, 0, 2)
+    # Per-sequence cache lengths are Options::seqused_k: the kernels read them on the device (no host
+    # read, so a decode step stays graph-capturable) and CUDA's decode kernel, split-KV included, runs
+    # over the cache as it is.
+    return _run_forward(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
+                        alibi_slopes, False, num_splits, _seqused(cache_seqlens), True)
 
 
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, *options):
-    if cache_seqlens is None or q.shape[0] == 0:
-        return _fwd_outputs(q, v_cache)
-    batch, seqlen_q, heads, _ = q.shape
-    out = q.new_empty((batch, seqlen_q, heads, v_cache.shape[-1]))
-    lse = q.new_empty((heads, batch, seqlen_q), dtype=torch.float32).permute(1, 0, 2)
-    return out, lse
+    return _fwd_outputs(q, v_cache)
 
 
 fwd_kvcache = _define(f"fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, {_OPTIONS}, "
@@ -317,16 +300,21 @@ fwd_kvcache = _define(f"fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Te
 
 # ---- routing for the flash_attn functions --------------------------------------------------------
 
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_mode = torch._C._is_torch_function_mode_enabled
 _functorch_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_jit_tracing = getattr(torch._C, "_is_tracing", None) or (lambda: torch._C._get_tracing_state() is not None)
+_grad_enabled = torch.is_grad_enabled
+_Tensor = torch.Tensor
 
 
 def _plain_eager(q, k, v):
     """True when nothing would see the difference between the operator and its kernel: no tracing
     (dynamo, jit), no dispatch or function mode, no functorch transform, no tensor subclass."""
-    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor and type(k) is torch.Tensor
-            and type(v) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled() and _functorch_stack() is None
-            and torch._C._get_tracing_state() is None)
+    return (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not _is_compiling()
+            and not _dispatch_modes() and not _function_mode() and _functorch_stack() is None
+            and not _jit_tracing())
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -373,38 +361,42 @@ class _EagerVarlenAttention(torch.autograd.Function):
 
 
 def _wants_grad(q, k, v):
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
-    """flash_attn_func's route (see the module docstring) -> (out, softmax_lse)."""
-    options = (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
+def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
+            want_lse=True):
+    """flash_attn_func's route (see the module docstring) -> (out, softmax_lse); in plain eager without a
+    gradient, softmax_lse is None unless want_lse (the kernels then skip it)."""
     if _plain_eager(q, k, v):
         if _wants_grad(q, k, v):
-            return _EagerAttention.apply(q, k, v, *options, deterministic)
-        return _fwd_kernel(q, k, v, *options, False, 0)
+            return _EagerAttention.apply(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                                         alibi_slopes, deterministic)
+        return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, False,
+                            0, None, want_lse)
+    options = (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
     if _wants_grad(q, k, v):
         return fwd(q, k, v, *options, deterministic, 0)
     return fwd_kvcache(q, k, v, None, *options, 0)
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   window_left, window_right, softcap, alibi_slopes, deterministic):
-    """flash_attn_varlen_func's route -> (out, softmax_lse)."""
+                   window_left, window_right, softcap, alibi_slopes, deterministic, want_lse=True):
+    """flash_attn_varlen_func's route -> (out, softmax_lse); softmax_lse as in forward()."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
             window_right, softcap, alibi_slopes, deterministic)
     if _plain_eager(q, k, v):
         if _wants_grad(q, k, v):
             return _EagerVarlenAttention.apply(*args)
-        return _varlen_fwd_kernel(*args, 0)
+        return _run_varlen(*args, 0, want_lse)
     return varlen_fwd(*args, 0)
 
 
 def kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
-            alibi_slopes, num_splits):
-    """flash_attn_with_kvcache's route (inference only) -> (out, softmax_lse)."""
+            alibi_slopes, num_splits, want_lse=True):
+    """flash_attn_with_kvcache's route (inference only) -> (out, softmax_lse); softmax_lse as in forward()."""
     if _plain_eager(q, k_cache, v_cache):
-        return _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right,
-                               softcap, alibi_slopes, num_splits)
+        return _run_forward(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
+                            alibi_slopes, False, num_splits, _seqused(cache_seqlens), want_lse)
     return fwd_kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
                        alibi_slopes, num_splits)

@@ -44,7 +44,7 @@ fa::Tensor view(const Array& a, const char* name) {
   else if (code == nb::dlpack::dtype_code::Float && dt.bits == 16) t.dtype = fa::DType::f16;
   else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) t.dtype = fa::DType::bf16;
   else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) t.dtype = fa::DType::i32;
-  else throw fa::Error(name, "float32, float16, bfloat16 (or int32 for cu_seqlens)", dlpack_dtype_name(dt));
+  else throw fa::Error(name, "float32, float16, bfloat16 (or int32 for cu_seqlens, seqused_k)", dlpack_dtype_name(dt));
 
   int dev = a.device_type();
   if (dev == nb::device::cpu::value) t.device = fa::Device::cpu();
@@ -67,6 +67,9 @@ std::optional<fa::Tensor> view(const std::optional<Array>& a, const char* name) 
   if (!a) return std::nullopt;
   return view(*a, name);
 }
+
+// The forward's lse: None = not wanted (a default Tensor{}, which flashattn::forward skips).
+fa::Tensor lse_view(const std::optional<Array>& a) { return a ? view(*a, "lse") : fa::Tensor{}; }
 
 fa::Options options(std::optional<float> softmax_scale, bool causal, int window_left, int window_right,
                     float softcap, const std::optional<Array>& alibi_slopes, bool deterministic,
@@ -96,6 +99,9 @@ fa::VarlenLayout layout(const Array& cu_q, const Array& cu_k, int max_q, int max
       nb::arg("alibi_slopes").none() = nb::none(), nb::arg("deterministic") = false,               \
       nb::arg("num_threads") = 0, nb::arg("num_splits") = 0, nb::arg("stream") = 0
 
+// The forward entry points' last argument: int32 (batch), keys used per sequence (Options::seqused_k).
+#define FA_SEQUSED_K_ARG nb::arg("seqused_k").none() = nb::none()
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -113,15 +119,17 @@ NB_MODULE(_C, m) {
 
   m.def(
       "forward",
-      [](Array q, Array k, Array v, Array out, Array lse, std::optional<float> scale, bool causal, int wl,
-         int wr, float softcap, std::optional<Array> alibi, bool det, int threads, int splits, uintptr_t stream) {
+      [](Array q, Array k, Array v, Array out, std::optional<Array> lse, std::optional<float> scale, bool causal,
+         int wl, int wr, float softcap, std::optional<Array> alibi, bool det, int threads, int splits,
+         uintptr_t stream, std::optional<Array> seqused_k) {
         fa::Tensor tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), to = view(out, "out"),
-                   tl = view(lse, "lse");
+                   tl = lse_view(lse);
         fa::Options o = options(scale, causal, wl, wr, softcap, alibi, det, threads, splits, stream);
+        o.seqused_k = view(seqused_k, "seqused_k");
         nb::gil_scoped_release release;
         fa::forward(tq, tk, tv, to, tl, o);
       },
-      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, FA_OPTION_ARGS);
+      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
 
   m.def(
       "backward",
@@ -139,18 +147,20 @@ NB_MODULE(_C, m) {
 
   m.def(
       "forward_varlen",
-      [](Array q, Array k, Array v, Array out, Array lse, Array cu_q, Array cu_k, int max_q, int max_k,
-         std::optional<float> scale, bool causal, int wl, int wr, float softcap, std::optional<Array> alibi,
-         bool det, int threads, int splits, uintptr_t stream) {
+      [](Array q, Array k, Array v, Array out, std::optional<Array> lse, Array cu_q, Array cu_k, int max_q,
+         int max_k, std::optional<float> scale, bool causal, int wl, int wr, float softcap,
+         std::optional<Array> alibi, bool det, int threads, int splits, uintptr_t stream,
+         std::optional<Array> seqused_k) {
         fa::Tensor tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), to = view(out, "out"),
-                   tl = view(lse, "lse");
+                   tl = lse_view(lse);
         fa::VarlenLayout lay = layout(cu_q, cu_k, max_q, max_k);
         fa::Options o = options(scale, causal, wl, wr, softcap, alibi, det, threads, splits, stream);
+        o.seqused_k = view(seqused_k, "seqused_k");
         nb::gil_scoped_release release;
         fa::forward_varlen(tq, tk, tv, to, tl, lay, o);
       },
-      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a,
-      "max_seqlen_k"_a, FA_OPTION_ARGS);
+      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a,
+      "max_seqlen_k"_a, FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
 
   m.def(
       "backward_varlen",
@@ -186,20 +196,21 @@ NB_MODULE(_C, m) {
   // launches are asynchronous, so this is the launch cost as long as the GPU queue does not fill.
   m.def(
       "time_forward",
-      [](Array q, Array k, Array v, Array out, Array lse, int iters, std::optional<float> scale, bool causal,
-         int wl, int wr, float softcap, std::optional<Array> alibi, bool det, int threads, int splits,
-         uintptr_t stream) {
+      [](Array q, Array k, Array v, Array out, std::optional<Array> lse, int iters, std::optional<float> scale,
+         bool causal, int wl, int wr, float softcap, std::optional<Array> alibi, bool det, int threads, int splits,
+         uintptr_t stream, std::optional<Array> seqused_k) {
         if (iters < 1) throw fa::Error("iters", ">= 1", std::to_string(iters));
         fa::Tensor tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), to = view(out, "out"),
-                   tl = view(lse, "lse");
+                   tl = lse_view(lse);
         fa::Options o = options(scale, causal, wl, wr, softcap, alibi, det, threads, splits, stream);
+        o.seqused_k = view(seqused_k, "seqused_k");
         nb::gil_scoped_release release;
         const auto start = std::chrono::steady_clock::now();
         for (int i = 0; i < iters; ++i) fa::forward(tq, tk, tv, to, tl, o);
         const std::chrono::duration<double, std::micro> took = std::chrono::steady_clock::now() - start;
         return took.count() / iters;
       },
-      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "iters"_a, FA_OPTION_ARGS);
+      "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "iters"_a, FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
 
   m.def("cuda_available", &fa::cuda_available);
   m.def("version", &fa::version);

@@ -139,3 +139,58 @@ def test_kvcache_errors_name_the_argument():
         f(q, k_cache, k_cache, cache_seqlens=17)
     with pytest.raises(ValueError, match="'k_cache'"):
         f(q, k_cache[0], k_cache, cache_seqlens=3)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_kvcache_lengths_and_splits(device, num_splits):
+    """Per-sequence lengths (Options::seqused_k: the decode kernel over the cache as it is) with the key
+    splits forced or not; empty and full caches; the LSE is the same whether asked for or not."""
+    dtype = dtype_for(device)
+    torch.manual_seed(6)
+    batch, seqlen_cache, heads, heads_k, d = 4, 300, 8, 2, 64
+    k_cache = torch.randn(batch, seqlen_cache, heads_k, d, device=device, dtype=dtype)
+    v_cache = torch.randn(batch, seqlen_cache, heads_k, d, device=device, dtype=dtype)
+    q = torch.randn(batch, 1, heads, d, device=device, dtype=dtype)
+    lengths = [300, 137, 0, 1]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    out, lse = flashattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits,
+                                                 return_softmax_lse=True)
+    ref, base = reference_per_sequence(q, k_cache, v_cache, lengths)
+    assert_rule(out, ref, base, atol_for(dtype), "out")
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))  # no key: 0 and -inf, as flash_attn
+    alone = flashattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=num_splits)
+    assert torch.equal(alone, out)  # no LSE asked for: the kernels skip it, the output is the same
+
+
+@pytest.mark.parametrize("device", devices())
+def test_outputs_without_lse_are_the_same(device):
+    """Without return_attn_probs no LSE is allocated or written: the output bits are those of the call with it."""
+    dtype = dtype_for(device)
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, s, h, 64, device=device, dtype=dtype) for s, h in ((37, 4), (70, 2), (70, 2)))
+    out, lse, _ = flashattn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert lse.shape == (2, 4, 37) and torch.equal(flashattn.flash_attn_func(q, k, v, causal=True), out)
+    cu = torch.tensor([0, 30, 66], dtype=torch.int32, device=device)
+    packed = [x.flatten(0, 1)[:66] for x in (q, k, v)]
+    out, lse, _ = flashattn.flash_attn_varlen_func(*packed, cu, cu, 36, 36, causal=True, return_attn_probs=True)
+    assert lse.shape == (4, 66)
+    assert torch.equal(flashattn.flash_attn_varlen_func(*packed, cu, cu, 36, 36, causal=True), out)
+
+
+def test_kvcache_length_errors_name_cache_seqlens():
+    """The C++ library validates the lengths (as seqused_k); the errors name this function's argument."""
+    q = torch.randn(2, 1, 4, 32)
+    k_cache = torch.randn(2, 16, 2, 32)
+    f = flashattn.flash_attn_with_kvcache
+    for bad in (torch.tensor([3, 17], dtype=torch.int32), torch.tensor([-1, 2], dtype=torch.int32),
+                torch.tensor([3], dtype=torch.int32), torch.tensor([[3, 4]], dtype=torch.int32),
+                torch.tensor([3.0, 4.0]), torch.tensor([3, 4], dtype=torch.int32)[:, None].expand(2, 2)[:, 0].float()):
+        with pytest.raises(ValueError, match="'cache_seqlens'"):
+            f(q, k_cache, k_cache, cache_seqlens=bad)
+    with pytest.raises(ValueError, match="'k_cache'"):  # the head dims differ: named as the cache
+        f(q, k_cache[..., :16], k_cache, cache_seqlens=torch.tensor([3, 4], dtype=torch.int32))
+    strided = torch.tensor([3, 9, 4, 9], dtype=torch.int64)[::2]  # int64, strided: converted, as flash_attn's
+    out = f(q, k_cache, k_cache, cache_seqlens=strided)
+    expect = f(q, k_cache, k_cache, cache_seqlens=torch.tensor([3, 4], dtype=torch.int32))
+    assert torch.equal(out, expect)
