@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 import flashattn  # noqa: E402
 from torch_reference import (  # noqa: E402
-    assert_rule, atol_for, devices, dtypes, grads_or_skip, oracle, standard)
+    assert_rule, atol_for, devices, dtypes, grads, oracle, standard)
 
 # (batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, causal, window). Causal cases keep
 # seqlen_q <= seqlen_k so that every row sees a key (SDPA has no gradient for an empty row).
@@ -57,7 +57,7 @@ def test_gradients_vs_sdpa(case, device, dtype):
     q, k, v, opts = inputs(case, device, dtype, requires_grad=True)
     out = flashattn.flash_attn_func(q, k, v, causal=opts["causal"], window_size=opts["window"])
     dout = torch.randn_like(out)
-    ours = grads_or_skip(out, (q, k, v), dout)
+    ours = grads(out, (q, k, v), dout)
     ref = oracle(q, k, v, **opts)
     refs = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
     bases = torch.autograd.grad(standard(q, k, v, **opts), (q, k, v), dout)
@@ -89,7 +89,7 @@ def test_varlen_vs_per_sequence_sdpa(device, causal):
         ref, base = oracle(qi, ki, vi, causal=causal), standard(qi, ki, vi, causal=causal)
         assert_rule(out[None, qs], ref, base, atol_for(dtype), f"out of sequence {i}")
         sequences.append((qs, ks, qi, ki, vi, ref, base))
-    dq, dk, dv = grads_or_skip(out, (q, k, v), dout)  # forward checked first: a missing backward skips only this
+    dq, dk, dv = grads(out, (q, k, v), dout)  # forward checked first: a missing backward skips only this
     for i, (qs, ks, qi, ki, vi, ref, base) in enumerate(sequences):
         if lens_q[i] == 0:  # keys no query reads get zero gradients
             assert not dk[ks].any() and not dv[ks].any()
