@@ -1215,6 +1215,22 @@ TEST(CudaDispatch, Sm90RunsEveryCoveredCaseOnHopper) {
   EXPECT_TRUE(starts_with(prob.kernel(window), "flash_fwd_sm90")) << prob.kernel(window);
 }
 
+// d64 under a causal mask with a short query sequence takes the narrow 128-row tile, unmasked calls
+// the 192-row one; FLASHATTN_SM90_NARROW forces either.
+TEST(CudaDispatch, Sm90D64CausalShortTakesTheNarrowTile) {
+  SKIP_WITHOUT_GPU();
+  if (!expect_sm90()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
+  ScopedEnv automatic("FLASHATTN_CUDA_FORWARD", "auto");
+  ScopedEnv unforced("FLASHATTN_SM90_NARROW", "auto");
+  DispatchProblem prob(64, DType::bf16, 4, 2);
+  Options causal;
+  causal.causal = true;
+  EXPECT_NE(prob.kernel(causal).find("128x128, 2+1 warpgroups"), std::string::npos) << prob.kernel(causal);
+  EXPECT_NE(prob.kernel(Options{}).find("192x128, 3+1 warpgroups"), std::string::npos) << prob.kernel(Options{});
+  ScopedEnv wide("FLASHATTN_SM90_NARROW", "0");
+  EXPECT_NE(prob.kernel(causal).find("192x128, 3+1 warpgroups"), std::string::npos) << prob.kernel(causal);
+}
+
 // Decoding (a few query rows per kv head) takes the split-KV decode kernel, on Hopper too.
 TEST(CudaDispatch, DecodeShapesTakeTheDecodeKernel) {
   SKIP_WITHOUT_GPU();

@@ -31,6 +31,10 @@ constexpr int kHeadDims[] = {
 #endif
     0};  // sentinel
 
+// Masked calls up to this many query rows take the narrow tile (FLASHATTN_SM90_NARROW=0/1 forces
+// either, auto or unset: this rule).
+constexpr int64_t kNarrowMaxSeqlenQ = 2048;
+
 enum class Force { kAuto, kSm80, kSm90 };
 
 Force forced() {
@@ -71,7 +75,7 @@ std::string coverage_problem(const AttnParams& p, int device, int* head_dim) {
     }
   if (!*head_dim) return "no sm90 instantiation for head dim " + std::to_string(need) + " in this build";
   if (p.seqlen_q + p.seqlen_k >= (int64_t(1) << 30)) return "seqlen_q + seqlen_k >= 2^30 (the kernel's key bounds are int)";
-  const int block_m = fwd_tile(*head_dim).block_m;
+  const int block_m = std::min(fwd_tile(*head_dim).block_m, fwd_tile(*head_dim, true).block_m);
   if ((p.seqlen_q + block_m - 1) / block_m * p.heads * p.batch > INT_MAX) return "more than 2^31 - 1 query blocks";
   const TensorView4d views[4] = {
       {p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads, p.batch, p.q_stride.row, p.q_stride.head, p.q_stride.batch},
@@ -143,12 +147,18 @@ Selection select(const AttnParams& p, int device) {
   }
   s.use = true;
   s.plan.schedule = schedule_from_env();
+  const bool masked = p.window_left >= 0 || p.window_right >= 0;
+  // Masked calls with short query sequences take the narrow tile (tile_size.h: less of the computed
+  // triangle is masked); long ones keep the wide tile, which reloads K/V for fewer query rows.
+  s.plan.narrow = masked && p.seqlen_q <= kNarrowMaxSeqlenQ;
+  if (const char* narrow = std::getenv("FLASHATTN_SM90_NARROW"); narrow && *narrow && std::strcmp(narrow, "auto") != 0)
+    s.plan.narrow = std::strcmp(narrow, "0") != 0;
   // The persistent grid walks the tiles in static zig-zag rounds. Under a causal mask or a window
   // the tiles of one head differ in cost up to m_blocks : 1, and with more than 32 query blocks per
   // head the CTAs drifted apart (imbalance, K/V of many heads in L2): one CTA per tile, which the
   // hardware hands out heavy-first, was faster there on the H100 (bench/gpu/HOPPER_NOTES.md, v3).
-  const bool masked = p.window_left >= 0 || p.window_right >= 0;
-  const int64_t m_blocks = (p.seqlen_q + fwd_tile(s.head_dim).block_m - 1) / fwd_tile(s.head_dim).block_m;
+  const int block_m = fwd_tile(s.head_dim, s.plan.narrow).block_m;
+  const int64_t m_blocks = (p.seqlen_q + block_m - 1) / block_m;
   s.plan.persistent = !(masked && m_blocks > 32);
   if (const char* persistent = std::getenv("FLASHATTN_SM90_PERSISTENT"); persistent && *persistent)
     s.plan.persistent = std::strcmp(persistent, "0") != 0;

@@ -89,15 +89,20 @@ void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cuda
 }
 
 // The default is kOverlap: on the H100 ping-pong added nothing to it at 8k and lost 6% under a
-// causal mask (bench/gpu/HOPPER_NOTES.md, v0).
+// causal mask (bench/gpu/HOPPER_NOTES.md, v0); with the persistent grid it measured +0-11% at d128
+// non-causal (v4), so two-warpgroup tiles carry it, selectable (FLASHATTN_SM90_SCHEDULE) until the
+// GPU tests have run on it. The narrow tile (tile_size.h) exists only where it differs from the
+// default one.
 template <int kHeadDim, typename T, typename Fn>
 void with_schedule(const FwdPlan& plan, Fn&& fn) {
   const Schedule s = plan.schedule;
+  if constexpr (fwd_tile(kHeadDim, true) != fwd_tile(kHeadDim))
+    if (plan.narrow) return fn(FwdTraits<kHeadDim, T, Schedule::kOverlap, true>{});
 #if FLASHATTN_SM90_ALL_SCHEDULES
   if (s == Schedule::kSerial) return fn(FwdTraits<kHeadDim, T, Schedule::kSerial>{});
+#endif
   if constexpr (fwd_tile(kHeadDim).consumer_wgs == 2)
     if (s == Schedule::kPingPong) return fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{});
-#endif
   (void)s;
   fn(FwdTraits<kHeadDim, T, Schedule::kOverlap>{});
 }

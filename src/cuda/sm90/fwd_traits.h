@@ -20,11 +20,12 @@ constexpr const char* schedule_name(Schedule s) {
   return s == Schedule::kSerial ? "serial" : s == Schedule::kOverlap ? "overlap" : "pingpong";
 }
 
-template <int kHeadDim_, typename Element_, Schedule kSchedule_>
+template <int kHeadDim_, typename Element_, Schedule kSchedule_, bool kNarrow_ = false>
 struct FwdTraits {
   using Element = Element_;
   static constexpr Schedule kSchedule = kSchedule_;
-  static constexpr FwdTile kTile = fwd_tile(kHeadDim_);
+  static constexpr bool kNarrow = kNarrow_;  // the masked-call tile of tile_size.h
+  static constexpr FwdTile kTile = fwd_tile(kHeadDim_, kNarrow_);
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
