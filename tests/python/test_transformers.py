@@ -43,8 +43,8 @@ def loss_and_grads(model, ids, labels):
     logits = model(ids).logits
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = grads(loss, [p for _, p in model.named_parameters() if p.requires_grad], None)
-    return logits, dict(zip(names, grads))
+    gradients = grads(loss, [p for _, p in model.named_parameters() if p.requires_grad], None)
+    return logits, dict(zip(names, gradients))
 
 
 def models(kind, device):
