@@ -90,9 +90,9 @@ def test_training_step_matches_eager(kind, device):
         assert err <= 2 * base_err + 1e-4 * max(scale, 1e-6), f"{name}: {err:.3g} vs eager {base_err:.3g}"
     # and the step itself: plain SGD on both copies leaves models that still agree
     with torch.no_grad():
-        for model, grads in ((ours, g_ours), (eager, g_base), (exact, g_ref)):
+        for model, model_grads in ((ours, g_ours), (eager, g_base), (exact, g_ref)):
             for n, p in model.named_parameters():
-                p -= 0.1 * grads[n].to(p.dtype)
+                p -= 0.1 * model_grads[n].to(p.dtype)
         ref, base, got = exact(ids).logits, eager(ids).logits, ours(ids).logits
     assert max_err(got, ref) <= 2 * max_err(base, ref) + 1e-4 * ref.abs().max().item()
 
