@@ -11,8 +11,8 @@
 // is printed:
 //   {"batch":..,"seqlen":..,"seqlen_q":..,"heads":..,"heads_k":..,"head_dim":..,"causal":..,
 //    "num_splits":..,"pass":..,"ms":median,"ms_min":..,"tflops":..,"bytes":..,"tbps":..,
-//    "kernel":"flash_fwd_sm90<...>"}  (the forward kernel the dispatch picks; FLASHATTN_CUDA_FORWARD=sm80
-//    forces sm80)
+//    "kernel":"flash_fwd_sm90<...>"}  (the kernel the dispatch picks: the forward's, with --backward the
+//    backward's main kernel; FLASHATTN_CUDA_FORWARD=sm80 / FLASHATTN_CUDA_BACKWARD=sm80 force sm80)
 // FLOPs = 4 * b * h * sq * sk * d, halved for causal (the FlashAttention papers' convention);
 // bytes = q + k + v + out once (the memory-bound floor of decoding), tbps = bytes / median.
 // --backward: runs the forward once for out/lse, then times flashattn::backward alone (workspace
@@ -241,8 +241,10 @@ int main(int argc, char** argv) {
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
     std::string kernel;
     try {
-      kernel = flashattn::cuda::forward_kernel(
-          flashattn::core::check_forward(tq, kv(k[0]), kv(v[0]), to, tl, opt, nullptr));
+      kernel = backward ? flashattn::cuda::backward_kernel(flashattn::core::check_backward(
+                              qo(d_o), tq, kv(k[0]), kv(v[0]), to, tl, qo(dq), kv(dk), kv(dv), opt, nullptr))
+                        : flashattn::cuda::forward_kernel(
+                              flashattn::core::check_forward(tq, kv(k[0]), kv(v[0]), to, tl, opt, nullptr));
       if (backward) flashattn::forward(tq, kv(k[0]), kv(v[0]), to, tl, opt);  // out and lse
       for (int i = 0; i < warmup; ++i) run(i % copies);
       for (int i = 0; i < iters; ++i) {

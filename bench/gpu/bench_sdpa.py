@@ -9,8 +9,8 @@ The backward counts 2.5x the forward's FLOPs. SDPA's backward is timed as torch.
 one recorded forward (retain_graph: the backward kernels alone); ours as flashattn::backward after
 one forward.
 
---ours-sm80 times ours a second time with FLASHATTN_CUDA_FORWARD=sm80 (the sm80 kernel on a Hopper
-GPU) and adds its column and the ratio, so the sm90 and sm80 kernels meet in one run.
+--ours-sm80 times ours a second time with FLASHATTN_CUDA_FORWARD=sm80 and FLASHATTN_CUDA_BACKWARD=sm80
+(the sm80 kernels on a Hopper GPU) and adds its column and the ratio, so the sm90 and sm80 kernels meet in one run.
 
 Measures the device's ceilings first (bf16 GEMM rate, device-to-device copy bandwidth), times
 each config with CUDA events (median of --iters after --warmup), prints a Markdown table and
@@ -81,7 +81,8 @@ def main():
     ap.add_argument("--name", default="bench", help="output files NAME.md and NAME.json")
     ap.add_argument("--bwd", action="store_true", help="time the backward pass instead of the forward")
     ap.add_argument("--deterministic", action="store_true", help="ours: deterministic backward")
-    ap.add_argument("--ours-sm80", action="store_true", help="also time ours with FLASHATTN_CUDA_FORWARD=sm80")
+    ap.add_argument("--ours-sm80", action="store_true",
+                    help="also time ours on the sm80 kernels (FLASHATTN_CUDA_FORWARD / _BACKWARD=sm80)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -115,7 +116,8 @@ def main():
         return res
 
     ours = run_ours({})
-    ours_sm80 = run_ours({"FLASHATTN_CUDA_FORWARD": "sm80"}) if args.ours_sm80 else None
+    ours_sm80 = (run_ours({"FLASHATTN_CUDA_FORWARD": "sm80", "FLASHATTN_CUDA_BACKWARD": "sm80"})
+                 if args.ours_sm80 else None)
 
     rows = []
     for b, s, h, d, causal in configs:

@@ -6,8 +6,8 @@
 # Stages run in this order: tests, bench, compare, sanitize.
 # tests     the backward GPU tests, 8 shards in parallel (the fp64 oracle on the CPU dominates)
 # sanitize  compute-sanitizer memcheck on small backward cases, racecheck on one
-# bench     bench_sdpa.py --bwd: ours vs SDPA flash/cuDNN backward, d 64/128, seqlen 1k-16k, causal
-#           and not; then ours deterministic at 8k
+# bench     bench_sdpa.py --bwd --ours-sm80: ours (as dispatched, and the sm80 kernel) vs SDPA flash /
+#           cuDNN backward, d 64/128, seqlen 1k-16k, causal and not; then ours deterministic at 8k
 # compare   flashattn-gpu-bench against flashattn-gpu-bench-alt (a build with other tiles, when
 #           present), alternating, on $COMPARE_CASES
 # Logs and tables go to $OUT (default ./out). Each stage has its own time limit so that the later
@@ -41,7 +41,7 @@ fi
 
 if want bench; then
   echo "== backward benchmark"
-  timeout ${BENCH_TIMEOUT:-150} python3 bench_sdpa.py --ours ./flashattn-gpu-bench --out "$OUT" --bwd --name bench-bwd \
+  timeout ${BENCH_TIMEOUT:-150} python3 bench_sdpa.py --ours ./flashattn-gpu-bench --out "$OUT" --bwd --ours-sm80 --name bench-bwd \
     --seqlens ${SEQLENS:-1024,2048,4096,8192,16384} --warmup 3 --iters 10 2>&1 | tail -30
   echo "== ours, deterministic, 8k"
   timeout 30 ./flashattn-gpu-bench --backward --deterministic --warmup 3 --iters 10 \
@@ -63,14 +63,14 @@ fi
 if want sanitize; then
   echo "== compute-sanitizer memcheck (small backward cases)"
   timeout ${SAN_TIMEOUT:-100} compute-sanitizer --tool memcheck --error-exitcode 3 ./flashattn_cuda_tests \
-    --gtest_filter='Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaBackward.MatchesOracle/window_empty_rows:Grid/CudaBackward.MatchesOracle/d40_sq65_sk63*:Grid/CudaBackward.MatchesOracle/varlen_fp16_window_bhsd:Grid/CudaBackward.MatchesOracle/no_*:Grid/CudaBackward.MatchesOracle/d96_sq65_sk63*:Grid/CudaBackward.MatchesOracle/d256_sq1_sk64*:CudaBackwardErrors.*' \
+    --gtest_filter='Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaBackward.MatchesOracle/window_empty_rows:Grid/CudaBackward.MatchesOracle/d40_sq65_sk63*:Grid/CudaBackward.MatchesOracle/varlen_fp16_window_bhsd:Grid/CudaBackward.MatchesOracle/no_*:Grid/CudaBackward.MatchesOracle/d96_sq65_sk63*:Grid/CudaBackward.MatchesOracle/d256_sq1_sk64*:Grid/CudaBackward.MatchesOracle/multiblock_d64_window_fp16:CudaBackwardErrors.*' \
     > "$OUT/memcheck.log" 2>&1
   echo "memcheck exit code $?"
   grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$OUT/memcheck.log" | tail -5
   grep -m5 -A8 "Invalid\|out of bounds" "$OUT/memcheck.log"
   echo "== compute-sanitizer racecheck (one case)"
   timeout ${SAN_TIMEOUT:-100} compute-sanitizer --tool racecheck --error-exitcode 3 ./flashattn_cuda_tests \
-    --gtest_filter='Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows' > "$OUT/racecheck.log" 2>&1
+    --gtest_filter='Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaBackward.MatchesOracle/multiblock_d96_causal_sq_gt_sk_mqa' > "$OUT/racecheck.log" 2>&1
   echo "racecheck exit code $?"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^\[  (PASSED|FAILED) " "$OUT/racecheck.log" | tail -5
   grep -m5 -A6 "hazard" "$OUT/racecheck.log"

@@ -12,6 +12,9 @@ void forward(const AttnParams& params);
 // after the FLASHATTN_CUDA_FORWARD override (cuda/sm90/dispatch.h).
 std::string forward_kernel(const AttnParams& params);
 void backward(const BwdParams& params);
+// The name of the main kernel backward(params) runs, after the FLASHATTN_CUDA_BACKWARD override
+// (cuda/sm90/bwd_dispatch.h).
+std::string backward_kernel(const BwdParams& params);
 void merge(const MergeParams& params);
 bool available();  // a usable sm80+ GPU and driver
 

@@ -8,6 +8,9 @@
 #include "cuda/common/check.h"
 #include "cuda/sm80/bwd_launch.h"
 #include "flashattn/error.h"
+#if FLASHATTN_CUDA_SM90
+#include "cuda/sm90/bwd_dispatch.h"  // the Hopper backward (builds with the 90a arch)
+#endif
 
 namespace flashattn::cuda {
 namespace {
@@ -117,10 +120,26 @@ void backward(const BwdParams& p) {
   if (p.batch == 0) return;
   // No queries still leaves dK = dV = 0 to write, no keys dQ = 0: the kernels handle both.
   auto stream = static_cast<cudaStream_t>(p.stream);
+#if FLASHATTN_CUDA_SM90
+  // Hopper: the sm90a kernel wherever it covers the call (FLASHATTN_CUDA_BACKWARD=sm80 opts out).
+  if (const sm90::BwdSelection s = sm90::select_bwd(p, device); s.use) return sm90::run(p, s, device, stream);
+#endif
   if (p.dtype == DType::bf16)
     run_head_dim<__nv_bfloat16>(hdim, p, device, stream);
   else
     run_head_dim<__half>(hdim, p, device, stream);
+}
+
+std::string backward_kernel(const BwdParams& p) {
+  const int device = p.device.index;
+  DeviceGuard guard(device);
+#if FLASHATTN_CUDA_SM90
+  if (const sm90::BwdSelection s = sm90::select_bwd(p, device); s.use) return s.kernel;
+#endif
+  const int need = std::max(p.head_dim, p.head_dim_v);
+  for (int d : kHeadDims)
+    if (d >= need) return "flash_bwd_sm80<hdim " + std::to_string(d) + ">";
+  return "none (no CUDA backward instantiated for head dim " + std::to_string(need) + ")";
 }
 
 }  // namespace flashattn::cuda

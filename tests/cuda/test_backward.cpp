@@ -26,6 +26,8 @@
 
 #include "common/testing.h"
 #include "core/mask.h"
+#include "core/validate.h"
+#include "cuda/backend.h"
 #include "flashattn/flashattn.h"
 #include "ref/reference.h"
 #include "ref/standard.h"
@@ -169,18 +171,28 @@ struct Case {
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
 
-// Sets FLASHATTN_CUDA_SMALL_TILES for its lifetime.
+// Sets FLASHATTN_CUDA_SMALL_TILES (and, since those are the sm80 kernel's tiles,
+// FLASHATTN_CUDA_BACKWARD=sm80) for its lifetime.
 class SmallTiles {
  public:
   explicit SmallTiles(bool on) : on_(on) {
-    if (on_) setenv("FLASHATTN_CUDA_SMALL_TILES", "1", 1);
+    if (!on_) return;
+    setenv("FLASHATTN_CUDA_SMALL_TILES", "1", 1);
+    if (const char* old = std::getenv("FLASHATTN_CUDA_BACKWARD")) old_backward_ = old;
+    setenv("FLASHATTN_CUDA_BACKWARD", "sm80", 1);
   }
   ~SmallTiles() {
-    if (on_) unsetenv("FLASHATTN_CUDA_SMALL_TILES");
+    if (!on_) return;
+    unsetenv("FLASHATTN_CUDA_SMALL_TILES");
+    if (old_backward_)
+      setenv("FLASHATTN_CUDA_BACKWARD", old_backward_->c_str(), 1);
+    else
+      unsetenv("FLASHATTN_CUDA_BACKWARD");
   }
 
  private:
   bool on_;
+  std::optional<std::string> old_backward_;
 };
 
 // Inputs on the device and the host, our forward's out/lse on the device, and the gradients of
@@ -315,6 +327,8 @@ class BwdProblem {
     o.stream = stream;
     SmallTiles small(c.small_tiles);
     auto r = runs("backward", [&] {
+      kernel = flashattn::cuda::backward_kernel(flashattn::core::check_backward(
+          tdo(), tq(), tk(), tv(), to(), tl(), tdq(), tdk(), tdv(), o, c.varlen() ? &layout_ : nullptr));
       if (c.varlen())
         flashattn::backward_varlen(tdo(), tq(), tk(), tv(), to(), tl(), tdq(), tdk(), tdv(), layout_, o);
       else
@@ -468,6 +482,7 @@ class BwdProblem {
   // The last backward's gradients: dense over owned rows, and the raw device bytes.
   std::vector<double> dq, dk, dvv;
   std::vector<uint8_t> raw_dq, raw_dk, raw_dv;
+  std::string kernel;  // the main kernel the last backward() ran (cuda::backward_kernel)
 
  private:
   struct HostViews {
@@ -535,6 +550,8 @@ void check_case(const Case& c) {
   BwdProblem prob(c);
   ASSERT_TRUE(prob.setup());
   ASSERT_TRUE(prob.backward(c.deterministic));
+  SCOPED_TRACE("kernel: " + prob.kernel);
+  ::testing::Test::RecordProperty("kernel", prob.kernel);
   const auto ref = prob.oracle();
   BwdProblem::Base base;
   ASSERT_TRUE(prob.baseline(base));
@@ -674,6 +691,43 @@ std::vector<Case> grid() {
     c.deterministic = true;
     add(c, "causal_window_unseen_keys_det");
   }
+  // The sm90 backward's tiles (128 keys per CTA, 64 or 128 queries per step) over many blocks:
+  // GQA with query blocks that cut the diagonal, a two-sided window, padded head dims, sq > sk.
+  {
+    Case c;
+    c.d = 128;
+    c.sq = 300;
+    c.sk = 777;
+    c.heads = 8;
+    c.heads_k = 2;
+    c.causal = true;
+    c.layout = GpuLayout::bhsd;
+    add(c, "multiblock_d128_gqa4_causal_bhsd");
+    c.d = 64;
+    c.sq = c.sk = 700;
+    c.heads = c.heads_k = 4;
+    c.causal = false;
+    c.wl = 100;
+    c.wr = 50;
+    c.dtype = DType::f16;
+    c.layout = GpuLayout::dense;
+    add(c, "multiblock_d64_window_fp16");
+    c.d = 96;
+    c.sq = 513;
+    c.sk = 250;
+    c.heads = 4;
+    c.heads_k = 1;
+    c.wl = c.wr = -1;
+    c.causal = true;
+    c.dtype = DType::bf16;
+    add(c, "multiblock_d96_causal_sq_gt_sk_mqa");
+    c.d = 32;
+    c.sq = 1000;
+    c.sk = 1000;
+    c.heads = c.heads_k = 2;
+    c.causal = false;
+    add(c, "multiblock_d32");
+  }
   for (float scale : {-0.2f, 0.5f}) {  // an explicit scale, a negative one too
     Case c;
     c.d = 64;
@@ -811,6 +865,65 @@ TEST_P(CudaBackward, MatchesOracle) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, CudaBackward, ::testing::ValuesIn(grid()),
                          [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+// ---- which kernel runs --------------------------------------------------------------------------
+// On an H100 (builds with the 90a arch and head dims 64, 128) the sm90 backward takes the
+// fixed-length calls it covers; the rest, and every call under FLASHATTN_CUDA_BACKWARD=sm80, run on
+// the sm80 kernel.
+bool expect_sm90_backward() {
+#if FLASHATTN_TEST_HAVE_SM90
+  int major = 0, minor = 0;
+  if (!gpu_present() || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+TEST(CudaBackwardDispatch, Sm90TakesCoveredCallsOnHopper) {
+  SKIP_WITHOUT_GPU();
+  if (!expect_sm90_backward()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
+  auto kernel_of = [](const Case& c, const char* force) {
+    BwdProblem prob(c);
+    EXPECT_TRUE(prob.setup());
+    const char* old = std::getenv("FLASHATTN_CUDA_BACKWARD");
+    const std::optional<std::string> saved = old ? std::optional<std::string>(old) : std::nullopt;
+    setenv("FLASHATTN_CUDA_BACKWARD", force, 1);
+    EXPECT_TRUE(prob.backward(c.deterministic));
+    if (saved)
+      setenv("FLASHATTN_CUDA_BACKWARD", saved->c_str(), 1);
+    else
+      unsetenv("FLASHATTN_CUDA_BACKWARD");
+    return prob.kernel;
+  };
+  auto starts_with = [](const std::string& s, const char* p) { return s.rfind(p, 0) == 0; };
+  Case c;
+  c.sq = 130;
+  c.sk = 200;
+  c.heads = 4;
+  c.heads_k = 2;
+  for (int d : {32, 64, 96, 128})
+    for (bool causal : {false, true}) {
+      c.d = d;
+      c.causal = causal;
+      c.dtype = causal ? DType::f16 : DType::bf16;
+      const std::string k = kernel_of(c, "auto");
+      EXPECT_TRUE(starts_with(k, "flash_bwd_sm90")) << "d " << d << (causal ? " causal" : "") << ": " << k;
+      const std::string k80 = kernel_of(c, "sm80");
+      EXPECT_TRUE(starts_with(k80, "flash_bwd_sm80")) << "FLASHATTN_CUDA_BACKWARD=sm80 must pick sm80: " << k80;
+    }
+  // Not covered (yet): the sm80 kernel runs them.
+  c.d = 64;
+  c.causal = false;
+  Case det = c, softcap = c, wide = c;
+  det.deterministic = true;
+  softcap.softcap = 10.0f;
+  wide.d = 192;
+  for (const Case& u : {det, softcap, wide})
+    EXPECT_TRUE(starts_with(kernel_of(u, "auto"), "flash_bwd_sm80")) << kernel_of(u, "auto");
+}
 
 // ---- deterministic mode -------------------------------------------------------------------------
 // 20 runs give the same bytes; dQ agrees with the atomic mode within the oracle rule (and each

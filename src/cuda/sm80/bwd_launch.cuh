@@ -11,32 +11,13 @@
 #include <type_traits>
 
 #include "cuda/common/check.h"
+#include "cuda/common/stream_workspace.h"
 #include "cuda/sm80/bwd_kernel.cuh"
 #include "cuda/sm80/bwd_launch.h"
 #include "cuda/sm80/bwd_prepost.cuh"
 #include "flashattn/error.h"
 
 namespace flashattn::cuda::sm80 {
-
-// Device memory in stream order (cudaMallocAsync / cudaFreeAsync): the three kernels queued between
-// allocation and release use it, and no host synchronisation is needed. Freed on every exit path,
-// a launch that throws included.
-class StreamWorkspace {
- public:
-  StreamWorkspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    FA_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
-  }
-  ~StreamWorkspace() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);
-  }
-  StreamWorkspace(const StreamWorkspace&) = delete;
-  StreamWorkspace& operator=(const StreamWorkspace&) = delete;
-  char* data() const { return static_cast<char*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
 
 template <typename Tr, bool kScoreMod, bool kDeterministic>
 void launch_bwd_main(const BwdParams& p, const BwdArgs& args, int64_t blocks, int device, cudaStream_t stream) {
@@ -73,38 +54,14 @@ void launch_bwd_main(const BwdParams& p, const BwdArgs& args, int64_t blocks, in
 
 template <typename Tr>
 void run_bwd_tile(const BwdParams& p, int device, cudaStream_t stream) {
-  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
-  BwdArgs args;
-  args.group = p.heads / p.heads_k;
-  args.block_m = kBlockM;
-  args.scale_log2 = p.scale * detail::kLog2e;
-  const int64_t n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  const int64_t m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int64_t main_blocks = n_blocks * p.heads_k * p.batch;
-  const int64_t row_blocks = m_blocks * p.heads * p.batch;
-  if (main_blocks > INT_MAX)
-    throw Unsupported("flashattn: CUDA backward: " + std::to_string(main_blocks) + " key blocks (seqlen_k / " +
-                      std::to_string(kBlockN) + " x heads_k x batch) exceed the grid limit of 2^31 - 1");
-  if (row_blocks > INT_MAX)
-    throw Unsupported("flashattn: CUDA backward: " + std::to_string(row_blocks) + " query blocks (seqlen_q / " +
-                      std::to_string(kBlockM) + " x heads x batch) exceed the grid limit of 2^31 - 1");
-  args.n_blocks = int(n_blocks);
-  args.m_blocks = int(m_blocks);
-  args.ws_rows = (p.total_q + int64_t(kBlockM) * p.batch + kBlockM - 1) / kBlockM * kBlockM;
-
-  // Workspace: dQ accumulator, LSE*log2e, D, and the deterministic mode's counters. Every part is a
-  // multiple of 256 bytes (ws_rows is a multiple of kBlockM = 64), so each starts 16-byte aligned.
-  const size_t acc_bytes = size_t(p.heads) * size_t(args.ws_rows) * Tr::kHeadDim * sizeof(float);
-  const size_t row_bytes = size_t(p.heads) * size_t(args.ws_rows) * sizeof(float);
-  const size_t sem_bytes = p.deterministic ? size_t(p.batch) * p.heads * size_t(m_blocks) * sizeof(int) : 0;
-  StreamWorkspace ws(acc_bytes + 2 * row_bytes + sem_bytes, stream);
-  args.dq_accum = reinterpret_cast<float*>(ws.data());
-  args.lse2 = reinterpret_cast<float*>(ws.data() + acc_bytes);
-  args.delta = reinterpret_cast<float*>(ws.data() + acc_bytes + row_bytes);
-  if (sem_bytes) {
-    args.dq_semaphore = reinterpret_cast<int*>(ws.data() + acc_bytes + 2 * row_bytes);
-    FA_CUDA_CHECK(cudaMemsetAsync(args.dq_semaphore, 0, sem_bytes, stream));
-  }
+  constexpr int kBlockM = Tr::kBlockM;
+  BwdArgs args = BwdArgs::plan(p, kBlockM, Tr::kBlockN, detail::kLog2e);
+  const int64_t main_blocks = int64_t(args.n_blocks) * p.heads_k * p.batch;
+  const int64_t row_blocks = int64_t(args.m_blocks) * p.heads * p.batch;
+  StreamWorkspace ws(args.workspace_bytes(p, Tr::kHeadDim), stream);
+  args.carve(p, Tr::kHeadDim, ws.data());
+  if (args.dq_semaphore)
+    FA_CUDA_CHECK(cudaMemsetAsync(args.dq_semaphore, 0, args.semaphore_bytes(p), stream));
 
   if (row_blocks > 0) {
     flash_bwd_preprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(kBlockM * 4), 0, stream>>>(p, args);

@@ -59,16 +59,11 @@ void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cuda
   fp.lse = p.lse;
   fp.lse_batch_stride = p.lse_batch_stride;
   fp.lse_head_stride = p.lse_head_stride;
-  fp.seqlen_q = int(p.seqlen_q);
-  fp.seqlen_k = int(p.seqlen_k);
+  fp.set(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
   fp.heads = p.heads;
   fp.group = p.heads / p.heads_k;
   fp.m_blocks = int(m_blocks);
   fp.tiles = int(blocks);
-  // Bounds beyond seqlen_q + seqlen_k act as unbounded ones; clamped so the kernel's int math holds.
-  const int64_t span = p.seqlen_q + p.seqlen_k;
-  fp.window_left = p.window_left < 0 ? -1 : int(std::min(p.window_left, span));
-  fp.window_right = p.window_right < 0 ? -1 : int(std::min(p.window_right, span));
   fp.scale_log2 = p.scale * kLog2e;
 
   auto kernel = flash_fwd_sm90_kernel<Tr>;

@@ -109,6 +109,11 @@ __device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* m
   ::cuda::ptx::cp_async_bulk_tensor(::cuda::ptx::space_cluster, ::cuda::ptx::space_global, smem_dst, map, coords,
                                     bar);
 }
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory,
+// completing on `bar` like a tensor copy.
+__device__ __forceinline__ void bulk_load(void* smem_dst, const void* gmem_src, uint32_t bytes, uint64_t* bar) {
+  ::cuda::ptx::cp_async_bulk(::cuda::ptx::space_cluster, ::cuda::ptx::space_global, smem_dst, gmem_src, bytes, bar);
+}
 // Shared memory -> the box at (c0 .. c3); elements outside the tensor are not written.
 __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3,
                                              const void* smem_src) {
