@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -31,13 +32,16 @@ std::string dlpack_dtype_name(nb::dlpack::dtype t) {
     case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
     case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
     case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
+    default: break;  // the float8/float6/float4 codes: "?"
   }
   return std::string(kind) + std::to_string(t.bits);
 }
 
-fa::Tensor view(const Array& a, const char* name) {
+// A flashattn::Tensor over DLPack's description of an array (shared by nanobind's ndarray and the
+// capsule fast path below, so both accept and refuse the same arrays with the same messages).
+fa::Tensor view(nb::dlpack::dtype dt, int device_type, int device_id, int64_t ndim, const int64_t* shape,
+                const int64_t* strides, void* data, const char* name) {
   fa::Tensor t;
-  nb::dlpack::dtype dt = a.dtype();
   auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
   if (dt.lanes != 1) throw fa::Error(name, "a scalar dtype", dlpack_dtype_name(dt) + " x" + std::to_string(dt.lanes));
   if (code == nb::dlpack::dtype_code::Float && dt.bits == 32) t.dtype = fa::DType::f32;
@@ -46,21 +50,88 @@ fa::Tensor view(const Array& a, const char* name) {
   else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) t.dtype = fa::DType::i32;
   else throw fa::Error(name, "float32, float16, bfloat16 (or int32 for cu_seqlens, seqused_k)", dlpack_dtype_name(dt));
 
-  int dev = a.device_type();
-  if (dev == nb::device::cpu::value) t.device = fa::Device::cpu();
-  else if (dev == nb::device::cuda::value || dev == nb::device::cuda_managed::value)
-    t.device = fa::Device::cuda(a.device_id());
-  else throw fa::Error(name, "a CPU or CUDA array", "DLPack device type " + std::to_string(dev));
+  if (device_type == nb::device::cpu::value) t.device = fa::Device::cpu();
+  else if (device_type == nb::device::cuda::value || device_type == nb::device::cuda_managed::value)
+    t.device = fa::Device::cuda(device_id);
+  else throw fa::Error(name, "a CPU or CUDA array", "DLPack device type " + std::to_string(device_type));
 
-  if (a.ndim() > static_cast<size_t>(fa::Tensor::kMaxRank))
-    throw fa::Error(name, "a rank between 1 and 6", std::to_string(a.ndim()));
-  t.rank = static_cast<int>(a.ndim());
-  for (int i = 0; i < t.rank; ++i) {
-    t.shape[i] = static_cast<int64_t>(a.shape(i));
-    t.stride[i] = a.stride(i);  // DLPack strides are in elements already
+  if (ndim < 0 || ndim > fa::Tensor::kMaxRank)
+    throw fa::Error(name, "a rank between 1 and 6", std::to_string(ndim));
+  t.rank = static_cast<int>(ndim);
+  int64_t compact = 1;  // DLPack's strides may be absent: then the array is row-major
+  for (int i = t.rank - 1; i >= 0; --i) {
+    t.shape[i] = shape[i];
+    t.stride[i] = strides ? strides[i] : compact;  // DLPack strides are in elements already
+    compact *= shape[i];
   }
-  t.data = const_cast<void*>(a.data());
+  t.data = data;
   return t;
+}
+
+fa::Tensor view(const Array& a, const char* name) {
+  const int64_t ndim = static_cast<int64_t>(a.ndim());
+  if (ndim > fa::Tensor::kMaxRank) throw fa::Error(name, "a rank between 1 and 6", std::to_string(ndim));
+  int64_t shape[fa::Tensor::kMaxRank], strides[fa::Tensor::kMaxRank];
+  for (int64_t i = 0; i < ndim; ++i) {
+    shape[i] = static_cast<int64_t>(a.shape(i));
+    strides[i] = a.stride(i);
+  }
+  return view(a.dtype(), a.device_type(), a.device_id(), ndim, shape, strides, const_cast<void*>(a.data()), name);
+}
+
+// ---- the capsule fast path (torch tensors in eager) ----------------------------------------------
+// nb::ndarray takes ownership of a capsule (a heap handle, reference counts, its own checks): about
+// 0.3 us an array, most of the binding's cost. Here the capsule only lends its DLTensor for the call:
+// the Python caller holds the capsule (and the tensor it keeps alive) until the call returns, and the
+// capsule's own destructor frees it later, as for any capsule nobody consumed. The structs are
+// DLPack's ABI (dlpack.h): the legacy DLManagedTensor ("dltensor") and DLManagedTensorVersioned
+// ("dltensor_versioned", DLPack >= 1.0).
+struct DLManagedTensor {
+  nb::dlpack::dltensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+struct DLManagedTensorVersioned {
+  uint32_t major, minor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensorVersioned*);
+  uint64_t flags;
+  nb::dlpack::dltensor dl_tensor;
+};
+
+fa::Tensor capsule_view(PyObject* o, const char* name) {
+  const nb::dlpack::dltensor* dl = nullptr;
+  if (PyCapsule_CheckExact(o)) {
+    const char* tag = PyCapsule_GetName(o);
+    if (tag && std::strcmp(tag, "dltensor") == 0)
+      dl = &static_cast<DLManagedTensor*>(PyCapsule_GetPointer(o, tag))->dl_tensor;
+    else if (tag && std::strcmp(tag, "dltensor_versioned") == 0)
+      dl = &static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(o, tag))->dl_tensor;
+    else
+      throw fa::Error(name, "an unused DLPack capsule", std::string("a capsule named '") + (tag ? tag : "") + "'");
+  } else {
+    throw fa::Error(name, "a DLPack capsule (torch._C._to_dlpack)", Py_TYPE(o)->tp_name);
+  }
+  return view(dl->dtype, dl->device.device_type, dl->device.device_id, dl->ndim, dl->shape, dl->strides,
+              static_cast<char*>(dl->data) + dl->byte_offset, name);
+}
+
+// None -> a default Tensor{} (not given).
+fa::Tensor capsule_view_or_none(PyObject* o, const char* name) {
+  return o == Py_None ? fa::Tensor{} : capsule_view(o, name);
+}
+
+// float(h) for a number (a Python float, int, or anything with __float__).
+float number(PyObject* h) {
+  double x = PyFloat_AsDouble(h);
+  if (x == -1.0 && PyErr_Occurred()) throw nb::python_error();
+  return static_cast<float>(x);
+}
+
+bool truth(PyObject* h) {
+  int r = PyObject_IsTrue(h);
+  if (r < 0) throw nb::python_error();
+  return r != 0;
 }
 
 std::optional<fa::Tensor> view(const std::optional<Array>& a, const char* name) {
@@ -102,6 +173,61 @@ fa::VarlenLayout layout(const Array& cu_q, const Array& cu_k, int max_q, int max
 // The forward entry points' last argument: int32 (batch), keys used per sequence (Options::seqused_k).
 #define FA_SEQUSED_K_ARG nb::arg("seqused_k").none() = nb::none()
 
+// ---- forward_capsules: the eager torch path's forward (flashattn/_torch_ops.py) -------------------
+// A CPython METH_FASTCALL function rather than an m.def: nanobind's simple call path refuses None
+// and its keyword path parses defaults and names, ~0.5 us more a call. Every array a DLPack capsule
+// (or None for lse, seqused_k, alibi_slopes), read in place by capsule_view; flashattn::forward
+// validates every view as for forward().
+constexpr const char* kForwardCapsulesDoc =
+    "forward_capsules($module, q, k, v, out, lse, seqused_k, alibi_slopes, softmax_scale, causal, window_left, "
+    "window_right, softcap, deterministic, num_splits, stream, /)\n--\n\n"
+    "forward() over DLPack capsules (torch._C._to_dlpack), positional arguments only; lse, seqused_k, "
+    "alibi_slopes and softmax_scale may be None.";
+
+int integer(PyObject* h, const char* name) {
+  long long x = PyLong_AsLongLong(h);
+  if (x == -1 && PyErr_Occurred()) throw nb::python_error();
+  if (x < INT32_MIN || x > INT32_MAX) throw fa::Error(name, "a 32-bit integer", std::to_string(x));
+  return static_cast<int>(x);
+}
+
+PyObject* forward_capsules(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 15) {
+      PyErr_Format(PyExc_TypeError, "forward_capsules() takes 15 positional arguments (%zd given)", nargs);
+      return nullptr;
+    }
+    fa::Tensor tq = capsule_view(args[0], "q"), tk = capsule_view(args[1], "k"), tv = capsule_view(args[2], "v"),
+               to = capsule_view(args[3], "out"), tl = capsule_view_or_none(args[4], "lse");
+    fa::Options o;
+    if (args[5] != Py_None) o.seqused_k = capsule_view(args[5], "seqused_k");
+    if (args[6] != Py_None) o.alibi_slopes = capsule_view(args[6], "alibi_slopes");
+    if (args[7] != Py_None) o.softmax_scale = number(args[7]);
+    o.causal = truth(args[8]);
+    o.window_left = integer(args[9], "window_left");
+    o.window_right = integer(args[10], "window_right");
+    o.softcap = number(args[11]);
+    o.deterministic = truth(args[12]);
+    o.num_splits = integer(args[13], "num_splits");
+    o.stream = PyLong_AsVoidPtr(args[14]);
+    if (PyErr_Occurred()) throw nb::python_error();
+    {
+      nb::gil_scoped_release release;
+      fa::forward(tq, tk, tv, to, tl, o);
+    }
+    Py_RETURN_NONE;
+  } catch (const fa::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const fa::Unsupported& e) {
+    PyErr_SetString(PyExc_NotImplementedError, e.what());
+  } catch (nb::python_error& e) {
+    e.restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -130,6 +256,13 @@ NB_MODULE(_C, m) {
         fa::forward(tq, tk, tv, to, tl, o);
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
+
+  // The lean forward (see forward_capsules above): a plain CPython function.
+  static PyMethodDef lean[] = {
+      {"forward_capsules", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward_capsules)),
+       METH_FASTCALL, kForwardCapsulesDoc},
+      {nullptr, nullptr, 0, nullptr}};
+  if (PyModule_AddFunctions(m.ptr(), lean) != 0) throw nb::python_error();
 
   m.def(
       "backward",
