@@ -28,9 +28,11 @@ but custom_op wraps every eager call in extra Python layers (a dynamo-disabled w
 output aliasing check) that cost about 5 microseconds a call, half the overhead budget of a decode
 step (python/examples/overhead.py measures it).
 
-The tensors reach the extension as DLPack capsules made by torch's C++ exporter (the Python-level
-``Tensor.__dlpack__`` costs ~2 us a tensor, the capsule ~0.2 us): views, no copies. The forward goes
-through ``_C.forward_capsules`` (positional, capsules read in place), ~1 us less than ``_C.forward``.
+The tensors reach the extension as views, no copies. The eager forward (the decode step's hot path)
+goes through ``_C.forward_eager``: positional arguments, and the tensors themselves where torch has
+DLPack's C exchange API (torch >= 2.10: the extension reads each tensor's DLTensor and the current
+CUDA stream in C), else DLPack capsules made by torch's C++ exporter (~0.2 us a tensor; the
+Python-level ``Tensor.__dlpack__`` costs ~2 us). The other entries take capsules through nanobind.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ if _to_dlpack is None:  # a torch without the private exporter: the public proto
     def _to_dlpack(t):
         return t.detach().__dlpack__()  # __dlpack__ refuses tensors that require grad
 
-_forward_capsules = _C.forward_capsules
+_forward_eager = _C.forward_eager
+_EXCHANGE_API = _C.has_exchange_api(torch.Tensor)  # forward_eager takes tensors (else capsules)
 _empty_like = torch.empty_like
 _CONTIGUOUS = torch.contiguous_format
 _F32, _I32 = torch.float32, torch.int32
@@ -143,12 +146,16 @@ def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, soft
         q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
         out = _empty_out(q, v)
     lse = _lse(q) if want_lse else None
-    _forward_capsules(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
-                      None if lse is None else _to_dlpack(lse),
-                      None if seqused_k is None else _to_dlpack(seqused_k),
-                      None if alibi_slopes is None else _to_dlpack(alibi_slopes),
-                      softmax_scale, causal, window_left, window_right, softcap, deterministic, num_splits,
-                      _raw_stream(q.get_device()) if q.is_cuda else 0)
+    if _EXCHANGE_API:  # stream None: q's current CUDA stream, asked of torch in C
+        _forward_eager(q, k, v, out, lse, seqused_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
+                       softcap, deterministic, num_splits, None)
+    else:
+        _forward_eager(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
+                       None if lse is None else _to_dlpack(lse),
+                       None if seqused_k is None else _to_dlpack(seqused_k),
+                       None if alibi_slopes is None else _to_dlpack(alibi_slopes),
+                       softmax_scale, causal, window_left, window_right, softcap, deterministic, num_splits,
+                       _raw_stream(q.get_device()) if q.is_cuda else 0)
     return out, lse
 
 
