@@ -1,17 +1,19 @@
 // flashattn._C: the C++ entry points over DLPack arrays (numpy, torch, CPU or CUDA), no copies.
 // Every array becomes a flashattn::Tensor view; flashattn::Error becomes ValueError (its message
 // names the argument) and flashattn::Unsupported becomes NotImplementedError. No torch here: the
-// package's Python code allocates outputs and wires autograd.
+// package's Python code allocates outputs and wires autograd. The eager torch path's forward,
+// forward_eager, lives in eager_forward.cpp.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 
 #include <chrono>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <string>
 
+#include "dlpack_view.h"
+#include "eager_forward.h"
 #include "flashattn/flashattn.h"
 
 namespace nb = nanobind;
@@ -20,53 +22,10 @@ using namespace nb::literals;
 
 namespace {
 
+using flashattn_python::view;
+
 // nb::ro: read-only numpy arrays are fine inputs; outputs are arrays the package just allocated.
 using Array = nb::ndarray<nb::ro>;
-
-std::string dlpack_dtype_name(nb::dlpack::dtype t) {
-  const char* kind = "?";
-  switch (static_cast<nb::dlpack::dtype_code>(t.code)) {
-    case nb::dlpack::dtype_code::Int: kind = "int"; break;
-    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
-    case nb::dlpack::dtype_code::Float: kind = "float"; break;
-    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
-    case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
-    case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
-    default: break;  // the float8/float6/float4 codes: "?"
-  }
-  return std::string(kind) + std::to_string(t.bits);
-}
-
-// A flashattn::Tensor over DLPack's description of an array (shared by nanobind's ndarray and the
-// capsule fast path below, so both accept and refuse the same arrays with the same messages).
-fa::Tensor view(nb::dlpack::dtype dt, int device_type, int device_id, int64_t ndim, const int64_t* shape,
-                const int64_t* strides, void* data, const char* name) {
-  fa::Tensor t;
-  auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
-  if (dt.lanes != 1) throw fa::Error(name, "a scalar dtype", dlpack_dtype_name(dt) + " x" + std::to_string(dt.lanes));
-  if (code == nb::dlpack::dtype_code::Float && dt.bits == 32) t.dtype = fa::DType::f32;
-  else if (code == nb::dlpack::dtype_code::Float && dt.bits == 16) t.dtype = fa::DType::f16;
-  else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) t.dtype = fa::DType::bf16;
-  else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) t.dtype = fa::DType::i32;
-  else throw fa::Error(name, "float32, float16, bfloat16 (or int32 for cu_seqlens, seqused_k)", dlpack_dtype_name(dt));
-
-  if (device_type == nb::device::cpu::value) t.device = fa::Device::cpu();
-  else if (device_type == nb::device::cuda::value || device_type == nb::device::cuda_managed::value)
-    t.device = fa::Device::cuda(device_id);
-  else throw fa::Error(name, "a CPU or CUDA array", "DLPack device type " + std::to_string(device_type));
-
-  if (ndim < 0 || ndim > fa::Tensor::kMaxRank)
-    throw fa::Error(name, "a rank between 1 and 6", std::to_string(ndim));
-  t.rank = static_cast<int>(ndim);
-  int64_t compact = 1;  // DLPack's strides may be absent: then the array is row-major
-  for (int i = t.rank - 1; i >= 0; --i) {
-    t.shape[i] = shape[i];
-    t.stride[i] = strides ? strides[i] : compact;  // DLPack strides are in elements already
-    compact *= shape[i];
-  }
-  t.data = data;
-  return t;
-}
 
 fa::Tensor view(const Array& a, const char* name) {
   const int64_t ndim = static_cast<int64_t>(a.ndim());
@@ -77,118 +36,6 @@ fa::Tensor view(const Array& a, const char* name) {
     strides[i] = a.stride(i);
   }
   return view(a.dtype(), a.device_type(), a.device_id(), ndim, shape, strides, const_cast<void*>(a.data()), name);
-}
-
-// ---- the eager fast path: torch tensors without nb::ndarray ---------------------------------------
-// nb::ndarray takes ownership of a DLPack capsule (a heap handle, reference counts, its own checks),
-// and making the capsule costs ~0.2 us a tensor in Python. Two cheaper ways in, both borrowing:
-// - DLPack's C exchange API (dlpack.h >= 1.3; torch >= 2.10 has it): the tensor's type carries a
-//   capsule "dlpack_exchange_api" with C functions; dltensor_from_py_object_no_sync fills a DLTensor
-//   describing the tensor in place (no allocation, no Python), valid while the caller holds the
-//   tensor, i.e. for this call; current_work_stream gives the producer's current CUDA stream.
-// - a DLPack capsule (torch._C._to_dlpack) for a torch without that API: its DLTensor is read in
-//   place; the Python caller holds the capsule during the call, and the capsule's own destructor
-//   frees it later, as for any capsule nobody consumed.
-// The structs below are DLPack's ABI (dlpack.h).
-struct DLManagedTensor {
-  nb::dlpack::dltensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensor*);
-};
-struct DLManagedTensorVersioned {
-  uint32_t major, minor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensorVersioned*);
-  uint64_t flags;
-  nb::dlpack::dltensor dl_tensor;
-};
-struct DLPackExchangeAPI {
-  struct {
-    uint32_t major, minor;
-    void* prev_api;
-  } header;
-  void* managed_tensor_allocator;
-  void* managed_tensor_from_py_object_no_sync;
-  void* managed_tensor_to_py_object_no_sync;
-  int (*dltensor_from_py_object_no_sync)(void* py_object, nb::dlpack::dltensor* out);
-  int (*current_work_stream)(int32_t device_type, int32_t device_id, void** out_current_stream);
-};
-
-// The exchange API of a Python type, or nullptr when it has none we can use (looked up once per
-// type: the last type seen is cached, one type in practice).
-const DLPackExchangeAPI* exchange_api(PyTypeObject* type) {
-  static PyTypeObject* cached_type = nullptr;
-  static const DLPackExchangeAPI* cached_api = nullptr;
-  if (type == cached_type) return cached_api;
-  const DLPackExchangeAPI* api = nullptr;
-  PyObject* capsule = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), "__dlpack_c_exchange_api__");
-  if (capsule && PyCapsule_IsValid(capsule, "dlpack_exchange_api")) {
-    auto* found = static_cast<const DLPackExchangeAPI*>(PyCapsule_GetPointer(capsule, "dlpack_exchange_api"));
-    // 1.3 laid out the table above; later minor versions only append to it.
-    if (found && found->header.major == 1 && found->header.minor >= 3 && found->dltensor_from_py_object_no_sync &&
-        found->current_work_stream)
-      api = found;
-  }
-  Py_XDECREF(capsule);
-  PyErr_Clear();  // no attribute: no API
-  cached_type = type;
-  cached_api = api;
-  return api;
-}
-
-// Whether flashattn._C.forward_eager can take this type's objects directly (else: capsules).
-bool has_exchange_api(nb::handle type) {
-  return PyType_Check(type.ptr()) && exchange_api(reinterpret_cast<PyTypeObject*>(type.ptr())) != nullptr;
-}
-
-// A view of `o`: an object whose type has the exchange API, or a DLPack capsule.
-fa::Tensor eager_view(PyObject* o, const char* name) {
-  nb::dlpack::dltensor local;
-  const nb::dlpack::dltensor* dl = nullptr;
-  if (PyCapsule_CheckExact(o)) {
-    const char* tag = PyCapsule_GetName(o);
-    if (tag && std::strcmp(tag, "dltensor") == 0)
-      dl = &static_cast<DLManagedTensor*>(PyCapsule_GetPointer(o, tag))->dl_tensor;
-    else if (tag && std::strcmp(tag, "dltensor_versioned") == 0)
-      dl = &static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(o, tag))->dl_tensor;
-    else
-      throw fa::Error(name, "an unused DLPack capsule", std::string("a capsule named '") + (tag ? tag : "") + "'");
-  } else if (const DLPackExchangeAPI* api = exchange_api(Py_TYPE(o))) {
-    if (api->dltensor_from_py_object_no_sync(o, &local) != 0) throw nb::python_error();
-    dl = &local;
-  } else {
-    throw fa::Error(name, "a torch tensor (DLPack C exchange API) or a DLPack capsule", Py_TYPE(o)->tp_name);
-  }
-  return view(dl->dtype, dl->device.device_type, dl->device.device_id, dl->ndim, dl->shape, dl->strides,
-              static_cast<char*>(dl->data) + dl->byte_offset, name);
-}
-
-// The current CUDA stream of the producer of `o` (q) for its device, through the exchange API.
-void* producer_stream(PyObject* o, const fa::Tensor& t) {
-  if (t.device.kind != fa::DeviceKind::cuda) return nullptr;
-  const DLPackExchangeAPI* api = PyCapsule_CheckExact(o) ? nullptr : exchange_api(Py_TYPE(o));
-  if (!api) throw fa::Error("stream", "an int (the CUDA stream) when q is a DLPack capsule", "None");
-  void* stream = nullptr;
-  if (api->current_work_stream(nb::device::cuda::value, t.device.index, &stream) != 0) throw nb::python_error();
-  return stream;
-}
-
-// None -> a default Tensor{} (not given).
-fa::Tensor eager_view_or_none(PyObject* o, const char* name) {
-  return o == Py_None ? fa::Tensor{} : eager_view(o, name);
-}
-
-// float(h) for a number (a Python float, int, or anything with __float__).
-float number(PyObject* h) {
-  double x = PyFloat_AsDouble(h);
-  if (x == -1.0 && PyErr_Occurred()) throw nb::python_error();
-  return static_cast<float>(x);
-}
-
-bool truth(PyObject* h) {
-  int r = PyObject_IsTrue(h);
-  if (r < 0) throw nb::python_error();
-  return r != 0;
 }
 
 std::optional<fa::Tensor> view(const std::optional<Array>& a, const char* name) {
@@ -230,66 +77,6 @@ fa::VarlenLayout layout(const Array& cu_q, const Array& cu_k, int max_q, int max
 // The forward entry points' last argument: int32 (batch), keys used per sequence (Options::seqused_k).
 #define FA_SEQUSED_K_ARG nb::arg("seqused_k").none() = nb::none()
 
-// ---- forward_eager: the eager torch path's forward (flashattn/_torch_ops.py) ----------------------
-// A CPython METH_FASTCALL function rather than an m.def: nanobind's simple call path refuses None
-// and its keyword path parses defaults and names, ~0.5 us more a call. Arrays are torch tensors (or
-// any type with DLPack's C exchange API) or DLPack capsules, read in place by eager_view;
-// flashattn::forward validates every view as for forward().
-constexpr const char* kForwardEagerDoc =
-    "forward_eager($module, q, k, v, out, lse, seqused_k, alibi_slopes, softmax_scale, causal, window_left, "
-    "window_right, softcap, deterministic, num_splits, stream, /)\n--\n\n"
-    "forward() for the eager path, positional arguments only. Arrays: tensors whose type has DLPack's C "
-    "exchange API (has_exchange_api) or DLPack capsules; lse, seqused_k, alibi_slopes and softmax_scale may "
-    "be None. stream: an int, or None for q's producer's current stream (exchange API only).";
-
-int integer(PyObject* h, const char* name) {
-  long long x = PyLong_AsLongLong(h);
-  if (x == -1 && PyErr_Occurred()) throw nb::python_error();
-  if (x < INT32_MIN || x > INT32_MAX) throw fa::Error(name, "a 32-bit integer", std::to_string(x));
-  return static_cast<int>(x);
-}
-
-PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  try {
-    if (nargs != 15) {
-      PyErr_Format(PyExc_TypeError, "forward_eager() takes 15 positional arguments (%zd given)", nargs);
-      return nullptr;
-    }
-    fa::Tensor tq = eager_view(args[0], "q"), tk = eager_view(args[1], "k"), tv = eager_view(args[2], "v"),
-               to = eager_view(args[3], "out"), tl = eager_view_or_none(args[4], "lse");
-    fa::Options o;
-    if (args[5] != Py_None) o.seqused_k = eager_view(args[5], "seqused_k");
-    if (args[6] != Py_None) o.alibi_slopes = eager_view(args[6], "alibi_slopes");
-    if (args[7] != Py_None) o.softmax_scale = number(args[7]);
-    o.causal = truth(args[8]);
-    o.window_left = integer(args[9], "window_left");
-    o.window_right = integer(args[10], "window_right");
-    o.softcap = number(args[11]);
-    o.deterministic = truth(args[12]);
-    o.num_splits = integer(args[13], "num_splits");
-    if (args[14] == Py_None) {
-      o.stream = producer_stream(args[0], tq);
-    } else {
-      o.stream = PyLong_AsVoidPtr(args[14]);
-      if (PyErr_Occurred()) throw nb::python_error();
-    }
-    {
-      nb::gil_scoped_release release;
-      fa::forward(tq, tk, tv, to, tl, o);
-    }
-    Py_RETURN_NONE;
-  } catch (const fa::Error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (const fa::Unsupported& e) {
-    PyErr_SetString(PyExc_NotImplementedError, e.what());
-  } catch (nb::python_error& e) {
-    e.restore();
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
-  return nullptr;
-}
-
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -319,12 +106,7 @@ NB_MODULE(_C, m) {
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
 
-  // The lean forward (see forward_eager above): a plain CPython function.
-  static PyMethodDef lean[] = {
-      {"forward_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward_eager)),
-       METH_FASTCALL, kForwardEagerDoc},
-      {nullptr, nullptr, 0, nullptr}};
-  if (PyModule_AddFunctions(m.ptr(), lean) != 0) throw nb::python_error();
+  flashattn_python::add_eager_forward(m);  // forward_eager, has_exchange_api: the eager torch path's forward
 
   m.def(
       "backward",
@@ -407,8 +189,6 @@ NB_MODULE(_C, m) {
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "iters"_a, FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
 
-  m.def("has_exchange_api", &has_exchange_api, "tensor_type"_a,
-        "Whether forward_eager takes this type's objects directly (DLPack's C exchange API, dlpack.h >= 1.3)");
   m.def("cuda_available", &fa::cuda_available);
   m.def("version", &fa::version);
 }
