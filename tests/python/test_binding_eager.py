@@ -81,19 +81,26 @@ def test_strided_views(wrap):
 
 def test_stream_from_torch_needs_the_exchange_api():
     q, k, v = problem()
-    out = torch.empty_like(q)
-    call(q, k, v, out, stream=None)  # CPU: no stream to ask for, capsules or not
-    if torch.cuda.is_available() and _C.cuda_available():
-        qc, kc, vc = q.cuda(), k.cuda(), v.cuda()
-        with pytest.raises(ValueError, match="'stream'"):
-            call(qc, kc, vc, torch.empty_like(qc), stream=None)  # capsules: the caller passes the stream
-        if _C.has_exchange_api(torch.Tensor):
-            side = torch.cuda.Stream()
-            with torch.cuda.stream(side):  # runs on torch's current stream, asked in C
-                outc = torch.empty_like(qc)
-                call(qc, kc, vc, outc, stream=None, wrap=same)
-            side.synchronize()
-            assert torch.allclose(outc.cpu(), out, atol=1e-5)
+    call(q, k, v, torch.empty_like(q), stream=None)  # CPU: no stream to ask for, capsules or not
+    if not (torch.cuda.is_available() and _C.cuda_available()):
+        return
+    qc, kc, vc = (torch.randn(2, 3, 4, 64, device="cuda", dtype=torch.bfloat16),
+                  torch.randn(2, 7, 2, 64, device="cuda", dtype=torch.bfloat16),
+                  torch.randn(2, 7, 2, 64, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="'stream'"):
+        call(qc, kc, vc, torch.empty_like(qc), stream=None)  # capsules: the caller passes the stream
+    if not _C.has_exchange_api(torch.Tensor):
+        return
+    ref = torch.empty_like(qc)
+    call(qc, kc, vc, ref, stream=torch.cuda.current_stream().cuda_stream, wrap=same)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # runs on torch's current stream, asked of torch in C
+        out = torch.empty_like(qc)
+        call(qc, kc, vc, out, stream=None, wrap=same)
+    side.synchronize()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("wrap", WRAPS)
