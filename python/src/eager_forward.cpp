@@ -148,35 +148,24 @@ int integer(PyObject* h, const char* name) {
   return static_cast<int>(x);
 }
 
-PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// The option arguments softmax_scale, causal, window_left, window_right, softcap, deterministic,
+// num_splits (a[0..6]) of both entries below.
+fa::Options eager_options(PyObject* const* a) {
+  fa::Options o;
+  if (a[0] != Py_None) o.softmax_scale = number(a[0]);
+  o.causal = truth(a[1]);
+  o.window_left = integer(a[2], "window_left");
+  o.window_right = integer(a[3], "window_right");
+  o.softcap = number(a[4]);
+  o.deterministic = truth(a[5]);
+  o.num_splits = integer(a[6], "num_splits");
+  return o;
+}
+
+// The Python exception for the one being handled (call inside a catch block).
+void set_python_error() {
   try {
-    if (nargs != 15) {
-      PyErr_Format(PyExc_TypeError, "forward_eager() takes 15 positional arguments (%zd given)", nargs);
-      return nullptr;
-    }
-    fa::Tensor tq = eager_view(args[0], "q"), tk = eager_view(args[1], "k"), tv = eager_view(args[2], "v"),
-               to = eager_view(args[3], "out"), tl = eager_view_or_none(args[4], "lse");
-    fa::Options o;
-    if (args[5] != Py_None) o.seqused_k = eager_view(args[5], "seqused_k");
-    if (args[6] != Py_None) o.alibi_slopes = eager_view(args[6], "alibi_slopes");
-    if (args[7] != Py_None) o.softmax_scale = number(args[7]);
-    o.causal = truth(args[8]);
-    o.window_left = integer(args[9], "window_left");
-    o.window_right = integer(args[10], "window_right");
-    o.softcap = number(args[11]);
-    o.deterministic = truth(args[12]);
-    o.num_splits = integer(args[13], "num_splits");
-    if (args[14] == Py_None) {
-      o.stream = producer_stream(args[0], tq);
-    } else {
-      o.stream = PyLong_AsVoidPtr(args[14]);
-      if (PyErr_Occurred()) throw nb::python_error();
-    }
-    {
-      nb::gil_scoped_release release;
-      fa::forward(tq, tk, tv, to, tl, o);
-    }
-    Py_RETURN_NONE;
+    throw;
   } catch (const fa::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
   } catch (const fa::Unsupported& e) {
@@ -185,6 +174,87 @@ PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     e.restore();
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+}
+
+void run_forward(const fa::Tensor& q, const fa::Tensor& k, const fa::Tensor& v, const fa::Tensor& out,
+                 const fa::Tensor& lse, const fa::Options& o) {
+  nb::gil_scoped_release release;
+  fa::forward(q, k, v, out, lse, o);
+}
+
+PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 15) {
+      PyErr_Format(PyExc_TypeError, "forward_eager() takes 15 positional arguments (%zd given)", nargs);
+      return nullptr;
+    }
+    fa::Tensor tq = eager_view(args[0], "q"), tk = eager_view(args[1], "k"), tv = eager_view(args[2], "v"),
+               to = eager_view(args[3], "out"), tl = eager_view_or_none(args[4], "lse");
+    fa::Options o = eager_options(args + 7);
+    if (args[5] != Py_None) o.seqused_k = eager_view(args[5], "seqused_k");
+    if (args[6] != Py_None) o.alibi_slopes = eager_view(args[6], "alibi_slopes");
+    if (args[14] == Py_None) {
+      o.stream = producer_stream(args[0], tq);
+    } else {
+      o.stream = PyLong_AsVoidPtr(args[14]);
+      if (PyErr_Occurred()) throw nb::python_error();
+    }
+    run_forward(tq, tk, tv, to, tl, o);
+    Py_RETURN_NONE;
+  } catch (...) {
+    set_python_error();
+  }
+  return nullptr;
+}
+
+// ---- forward_eager_out: the same, allocating the output -------------------------------------------
+// The decode step's usual call, with the layout tests the Python side would make (q contiguous, k/v
+// with a dense last dim, v's head dim = q's) done on the DLTensors here, and `out` allocated by the
+// given allocator (torch.empty_like: a caching-allocator tensor like any other) called from C.
+// NotImplemented when the layout needs the Python path (copies, an explicit output shape).
+constexpr const char* kForwardEagerOutDoc =
+    "forward_eager_out($module, empty_like, q, k, v, seqused_k, alibi_slopes, softmax_scale, causal, "
+    "window_left, window_right, softcap, deterministic, num_splits, /)\n--\n\n"
+    "-> out = empty_like(q) after forward_eager(q, k, v, out, None, ..., stream=None) (tensors with DLPack's C "
+    "exchange API), or NotImplemented when q is not contiguous, k or v has a strided last dim, or v's head "
+    "dim differs from q's.";
+
+// torch's is_contiguous: row-major strides, size-1 dims' strides ignored.
+bool row_major(const fa::Tensor& t) {
+  int64_t expected = 1;
+  for (int i = t.rank - 1; i >= 0; --i) {
+    if (t.shape[i] == 1) continue;
+    if (t.stride[i] != expected) return false;
+    expected *= t.shape[i];
+  }
+  return true;
+}
+
+bool dense_last(const fa::Tensor& t) { return t.rank >= 1 && (t.shape[t.rank - 1] == 1 || t.stride[t.rank - 1] == 1); }
+
+PyObject* forward_eager_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  PyObject* out = nullptr;
+  try {
+    if (nargs != 13) {
+      PyErr_Format(PyExc_TypeError, "forward_eager_out() takes 13 positional arguments (%zd given)", nargs);
+      return nullptr;
+    }
+    fa::Tensor tq = eager_view(args[1], "q"), tk = eager_view(args[2], "k"), tv = eager_view(args[3], "v");
+    if (tq.rank < 1 || !row_major(tq) || !dense_last(tk) || !dense_last(tv) ||
+        tv.shape[tv.rank - 1] != tq.shape[tq.rank - 1])
+      Py_RETURN_NOTIMPLEMENTED;
+    fa::Options o = eager_options(args + 6);
+    if (args[4] != Py_None) o.seqused_k = eager_view(args[4], "seqused_k");
+    if (args[5] != Py_None) o.alibi_slopes = eager_view(args[5], "alibi_slopes");
+    o.stream = producer_stream(args[1], tq);
+    out = PyObject_Vectorcall(args[0], args + 1, 1, nullptr);  // empty_like(q)
+    if (!out) return nullptr;
+    run_forward(tq, tk, tv, eager_view(out, "out"), fa::Tensor{}, o);
+    return out;
+  } catch (...) {
+    Py_XDECREF(out);
+    set_python_error();
   }
   return nullptr;
 }
@@ -195,6 +265,8 @@ void add_eager_forward(nb::module_& m) {
   static PyMethodDef lean[] = {
       {"forward_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward_eager)),
        METH_FASTCALL, kForwardEagerDoc},
+      {"forward_eager_out", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward_eager_out)),
+       METH_FASTCALL, kForwardEagerOutDoc},
       {nullptr, nullptr, 0, nullptr}};
   if (PyModule_AddFunctions(m.ptr(), lean) != 0) throw nb::python_error();
 

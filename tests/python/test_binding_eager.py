@@ -133,3 +133,68 @@ def test_errors_name_the_argument(wrap):
         call(q, k, v, out, scale="0.5", wrap=wrap)
     with pytest.raises(TypeError, match="15 positional arguments"):
         _C.forward_eager(wrap(q), wrap(k), wrap(v), wrap(out))
+
+
+def eager_out(q, k, v, seqused_k=None, alibi=None, scale=None, causal=False, left=-1, right=-1, softcap=0.0,
+              deterministic=False, num_splits=0, empty_like=torch.empty_like):
+    return _C.forward_eager_out(empty_like, q, k, v, seqused_k, alibi, scale, causal, left, right, softcap,
+                                deterministic, num_splits)
+
+
+@exchange_api
+@pytest.mark.parametrize("options", [{}, {"scale": 0.3, "causal": True}, {"left": 2, "right": 0},
+                                     {"seqused_k": "lengths", "causal": True}])
+def test_eager_out_allocates_and_matches(options):
+    q, k, v = problem()
+    options = dict(options)
+    if options.get("seqused_k") == "lengths":
+        options["seqused_k"] = torch.tensor([7, 4], dtype=torch.int32)
+    out = eager_out(q, k, v, **options)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    ref = torch.empty_like(q)
+    call(q, k, v, ref, **options, wrap=same)
+    assert torch.equal(out, ref)
+    k_strided = torch.randn(2, 2, 7, 32).transpose(1, 2)  # strided, but a dense last dim: still this path
+    assert eager_out(q, k_strided, v) is not NotImplemented
+
+
+@exchange_api
+def test_eager_out_leaves_other_layouts_to_python():
+    q, k, v = problem()
+    assert eager_out(q.transpose(1, 2).contiguous().transpose(1, 2), k, v) is NotImplemented  # q not contiguous
+    assert eager_out(q, torch.randn(2, 7, 2, 64)[..., ::2], v) is NotImplemented  # k's last dim strided
+    assert eager_out(q, k, torch.randn(2, 7, 2, 64)[..., ::2]) is NotImplemented
+    assert eager_out(q, k, torch.randn(2, 7, 2, 16)) is NotImplemented  # d_v != d: an explicit output shape
+
+
+@exchange_api
+def test_eager_out_errors():
+    q, k, v = problem()
+    with pytest.raises(ValueError, match="'k'"):
+        eager_out(q, k.double(), v)
+    with pytest.raises(ValueError, match="'seqused_k'"):
+        eager_out(q, k, v, seqused_k=torch.tensor([7, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="'window_right'"):
+        eager_out(q, k, v, right=1 << 40)
+    with pytest.raises(RuntimeError, match="allocator failed"):
+        eager_out(q, k, v, empty_like=lambda t: (_ for _ in ()).throw(RuntimeError("allocator failed")))
+    with pytest.raises(ValueError, match="'out'"):
+        eager_out(q, k, v, empty_like=lambda t: torch.empty_like(t).double())  # the allocation is checked too
+    with pytest.raises(TypeError, match="13 positional arguments"):
+        _C.forward_eager_out(torch.empty_like, q, k, v)
+
+
+@pytest.mark.parametrize("layout", ["q transposed", "k last dim strided", "d_v != d", "contiguous"])
+def test_flash_attn_func_layouts(layout):
+    """flash_attn_func over the C-allocating path and its Python fallbacks: the same numbers."""
+    import flashattn
+    q, k, v = problem(dv=16 if layout == "d_v != d" else 32)
+    if layout == "q transposed":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "k last dim strided":
+        k = torch.stack([k, k], dim=-1)[..., 0]
+    out = flashattn.flash_attn_func(q, k, v, causal=True)
+    ref = flashattn.flash_attn_func(q.contiguous().numpy(), k.contiguous().numpy(), v.contiguous().numpy(),
+                                    causal=True)
+    assert out.shape == q.shape[:-1] + (v.shape[-1],) and out.is_contiguous()
+    assert torch.allclose(out, torch.from_numpy(ref), atol=1e-6)
