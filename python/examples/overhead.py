@@ -6,7 +6,9 @@ between synchronisations, far under the launch queue's depth), median of 30 roun
 
 - C++ launch:  flashattn::forward called in a C++ loop on views made once (flashattn._C.time_forward),
   also with a (batch,) seqused_k (the kv-cache call with per-sequence lengths);
-- binding only: flashattn._C.forward from Python on preallocated outputs (DLPack capsules, nanobind);
+- binding only: flashattn._C.forward_eager (the eager path's entry) from Python on preallocated outputs, as
+  flashattn calls it: the tensors themselves where torch has DLPack's C exchange API, else fresh DLPack
+  capsules (an older build without it: flashattn._C.forward, capsules through nanobind);
 - flash_attn_func(q, k, v)                       eager, no input needs a gradient (no LSE is allocated);
 - the same with return_attn_probs=True           (out and LSE allocated);
 - flash_attn_with_kvcache(q, k_cache, v_cache)   eager, without and with cache_seqlens (a tensor);
@@ -108,10 +110,19 @@ def main(args):
     cap = torch._C._to_dlpack
     opts = (None, False, -1, -1, 0.0, None)
     plain, used = baselines
+    if hasattr(_C, "forward_eager") and _C.has_exchange_api(torch.Tensor):
+        binding = ("binding only (_C.forward_eager)",
+                   lambda: _C.forward_eager(q, k, v, out, lse, None, None, None, False, -1, -1, 0.0, False, 0, None))
+    elif hasattr(_C, "forward_eager"):
+        binding = ("binding only (_C.forward_eager, capsules)",
+                   lambda: _C.forward_eager(cap(q), cap(k), cap(v), cap(out), cap(lse), None, None, None, False, -1,
+                                            -1, 0.0, False, 0, stream))
+    else:  # an older build (before/after comparisons)
+        binding = ("binding only (_C.forward, capsules)",
+                   lambda: _C.forward(cap(q), cap(k), cap(v), cap(out), cap(lse), None, False, -1, -1, 0.0, None,
+                                      False, 0, 0, stream))
     paths = {  # name: (call, the C++ launch it adds to)
-        "binding only (_C.forward, capsules)": (lambda: _C.forward(cap(q), cap(k), cap(v), cap(out), cap(lse), None,
-                                                                   False, -1, -1, 0.0, None, False, 0, 0, stream),
-                                                plain),
+        binding[0]: (binding[1], plain),
         "flash_attn_func (no grad)": (lambda: flashattn.flash_attn_func(q, k, v), plain),
         "flash_attn_func (no grad, with LSE)": (lambda: flashattn.flash_attn_func(q, k, v, return_attn_probs=True),
                                                 plain),

@@ -27,20 +27,13 @@ _BATCHED = "(batch, seqlen, heads, head_dim)"
 _PACKED = "(total_tokens, heads, head_dim)"
 
 
-def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-               want_lse):
-    """-> (out, lse); torch tensors in plain eager without a gradient give lse None unless want_lse."""
-    if dropout_p:
-        check_dropout(dropout_p)
+def _numpy_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
     left, right = window_pair(window_size)
-    scale = None if softmax_scale is None else float(softmax_scale)
-    if isinstance(q, _Tensor):  # ranks and the rest are checked by the kernel and the C++ library
-        return _ops.forward(q, k, v, scale, bool(causal), left, right, float(softcap), alibi_slopes,
-                            bool(deterministic), want_lse)
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k, "k", 4, _BATCHED)
     check_rank(v, "v", 4, _BATCHED)
-    return _numpy.forward(q, k, v, scale, bool(causal), left, right, float(softcap), alibi_slopes)
+    return _numpy.forward(q, k, v, scale_or_none(softmax_scale), bool(causal), left, right, float(softcap),
+                          alibi_slopes)
 
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
@@ -66,8 +59,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """q (batch, seqlen_q, heads, d), k (batch, seqlen_k, heads_k, d), v (batch, seqlen_k, heads_k, d_v)
     -> out (batch, seqlen_q, heads, d_v); with return_attn_probs, (out, softmax_lse (batch, heads, seqlen_q), None).
     Causal and window masks are aligned bottom-right (query i sees key j iff j <= i + seqlen_k - seqlen_q)."""
-    out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                          deterministic, return_attn_probs)
+    if dropout_p:
+        check_dropout(dropout_p)
+    if isinstance(q, _Tensor):  # a decode step's call: straight to the torch route, the C++ library checks
+        left, right = NO_WINDOW if window_size is NO_WINDOW else window_pair(window_size)
+        out, lse = _ops.forward(q, k, v, None if softmax_scale is None else float(softmax_scale), bool(causal), left,
+                                right, float(softcap), alibi_slopes, bool(deterministic), return_attn_probs)
+    else:
+        out, lse = _numpy_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 

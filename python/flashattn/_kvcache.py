@@ -48,13 +48,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                   ("cache_leftpad", cache_leftpad, "left-padded caches")):
             if value is not None:
                 raise unsupported(name, what)
-    left, right = window_pair(window_size)
-    opts = (scale_or_none(softmax_scale), bool(causal), left, right, float(softcap), alibi_slopes, int(num_splits))
+    left, right = NO_WINDOW if window_size is NO_WINDOW else window_pair(window_size)
     if (type(q) is _Tensor and k is None and v is None and (cache_seqlens is None or type(cache_seqlens) is _Tensor)
             and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4):
-        # A decode step's usual call: nothing to append, the rest checked by the C++ library.
-        out, lse = _torch_attend(q, k_cache, v_cache, cache_seqlens, opts, return_softmax_lse)
+        # A decode step's usual call: nothing to append, the rest checked by the C++ library. (Inlined
+        # _torch_attend: each Python layer and argument tuple here is host time on every decode step.)
+        try:
+            out, lse = _ops.kvcache(q, k_cache, v_cache, cache_seqlens,
+                                    None if softmax_scale is None else float(softmax_scale), bool(causal), left,
+                                    right, float(softcap), alibi_slopes, int(num_splits), return_softmax_lse)
+        except ValueError as e:
+            _raise_renamed(e)
+            raise
         return (out, lse) if return_softmax_lse else out
+    opts = (scale_or_none(softmax_scale), bool(causal), left, right, float(softcap), alibi_slopes, int(num_splits))
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k_cache, "k_cache", 4, "(batch, seqlen_cache, heads_k, head_dim)")
     check_rank(v_cache, "v_cache", 4, "(batch, seqlen_cache, heads_k, head_dim_v)")
@@ -96,12 +103,17 @@ def _torch_attend(q, k_cache, v_cache, lengths, opts, want_lse):
     try:
         return _ops.kvcache(q, k_cache, v_cache, lengths, *opts, want_lse)
     except ValueError as e:
-        message = str(e)
-        for name, ours in _RENAMED:
-            prefix = f"flashattn: invalid argument {name}"
-            if message.startswith(prefix):
-                raise ValueError(f"flashattn: invalid argument {ours}" + message[len(prefix):]) from None
+        _raise_renamed(e)
         raise
+
+
+def _raise_renamed(e):
+    """Raises e's message with the C++ library's argument name replaced by this function's, if it names one."""
+    message = str(e)
+    for name, ours in _RENAMED:
+        prefix = f"flashattn: invalid argument {name}"
+        if message.startswith(prefix):
+            raise ValueError(f"flashattn: invalid argument {ours}" + message[len(prefix):]) from None
 
 
 def _torch_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, opts, want_lse):

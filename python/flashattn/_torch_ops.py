@@ -28,8 +28,13 @@ but custom_op wraps every eager call in extra Python layers (a dynamo-disabled w
 output aliasing check) that cost about 5 microseconds a call, half the overhead budget of a decode
 step (python/examples/overhead.py measures it).
 
-The tensors reach the extension as DLPack capsules made by torch's C++ exporter (the Python-level
-``Tensor.__dlpack__`` costs ~2 us a tensor, the capsule ~0.3 us): views, no copies.
+The tensors reach the extension as views, no copies. The eager forward (the decode step's hot path)
+goes through ``_C.forward_eager``: positional arguments, and the tensors themselves where torch has
+DLPack's C exchange API (torch >= 2.10: the extension reads each tensor's DLTensor and the current
+CUDA stream in C), else DLPack capsules made by torch's C++ exporter (~0.2 us a tensor; the
+Python-level ``Tensor.__dlpack__`` costs ~2 us). Without an LSE and in the usual layout,
+``_C.forward_eager_out`` also makes the layout tests and calls ``torch.empty_like(q)`` in C. The
+other entries take capsules through nanobind.
 """
 
 from __future__ import annotations
@@ -46,23 +51,27 @@ _DEVICES = ("CPU", "CUDA")
 # ---- handing tensors to the extension ------------------------------------------------------------
 
 _to_dlpack = getattr(torch._C, "_to_dlpack", None)
-if _to_dlpack is None:  # a torch without the private exporter: nanobind calls __dlpack__ itself
+if _to_dlpack is None:  # a torch without the private exporter: the public protocol's capsule
     def _to_dlpack(t):
-        return t.detach()  # __dlpack__ refuses tensors that require grad
+        return t.detach().__dlpack__()  # __dlpack__ refuses tensors that require grad
 
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_forward_eager, _forward_eager_out = _C.forward_eager, _C.forward_eager_out
+_EXCHANGE_API = _C.has_exchange_api(torch.Tensor)  # forward_eager takes tensors (else capsules)
 _empty_like = torch.empty_like
 _CONTIGUOUS = torch.contiguous_format
 _F32, _I32 = torch.float32, torch.int32
 
+# The current CUDA stream of a device index as an integer handle (torch's C++ getter: ~0.1 us, where
+# torch.cuda.current_stream builds a Stream object). Only called for CUDA tensors.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+if _raw_stream is None:
+    def _raw_stream(device_index):
+        return torch.cuda.current_stream(device_index).cuda_stream
+
 
 def _stream(t):
     """The current CUDA stream of t's device as an integer handle (0 on the CPU)."""
-    if not t.is_cuda:
-        return 0
-    if _raw_stream is not None:
-        return _raw_stream(t.get_device())
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return _raw_stream(t.get_device()) if t.is_cuda else 0
 
 
 def _dense_last(t):
@@ -130,15 +139,30 @@ _OPTIONS = "float? softmax_scale, bool causal, int window_left, int window_right
 def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
                  num_splits, seqused_k, want_lse):
     """Dense batches: (out, lse), lse None when not wanted (the C++ forward then skips it: one
-    allocation less per call). seqused_k: int32 (batch) keys used per sequence, or None."""
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):  # one cheap test for the usual case
+    allocation less per call). seqused_k: int32 (batch) keys used per sequence, or None.
+    The decode step's hot path: every line here is host time added to each call."""
+    if _EXCHANGE_API and not want_lse:  # the usual layout: tested, allocated and run in C (~0.3 us less)
+        out = _forward_eager_out(_empty_like, q, k, v, seqused_k, alibi_slopes, softmax_scale, causal, window_left,
+                                 window_right, softcap, deterministic, num_splits)
+        if out is not NotImplemented:
+            return out, None
+    if q.is_contiguous() and k.is_contiguous() and v.is_contiguous():  # one cheap test for the usual case
+        # empty_like keeps a contiguous q's layout and is torch's cheapest allocation in eager
+        out = _empty_like(q) if v.shape[-1] == q.shape[-1] else _empty_out(q, v)
+    else:
         q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
-    out = _empty_out(q, v)
+        out = _empty_out(q, v)
     lse = _lse(q) if want_lse else None
-    _C.forward(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), None if lse is None else _to_dlpack(lse),
-               softmax_scale, causal, window_left, window_right, softcap,
-               None if alibi_slopes is None else _to_dlpack(alibi_slopes), deterministic, 0, num_splits, _stream(q),
-               None if seqused_k is None else _to_dlpack(seqused_k))
+    if _EXCHANGE_API:  # stream None: q's current CUDA stream, asked of torch in C
+        _forward_eager(q, k, v, out, lse, seqused_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
+                       softcap, deterministic, num_splits, None)
+    else:
+        _forward_eager(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
+                       None if lse is None else _to_dlpack(lse),
+                       None if seqused_k is None else _to_dlpack(seqused_k),
+                       None if alibi_slopes is None else _to_dlpack(alibi_slopes),
+                       softmax_scale, causal, window_left, window_right, softcap, deterministic, num_splits,
+                       _raw_stream(q.get_device()) if q.is_cuda else 0)
     return out, lse
 
 
@@ -311,7 +335,8 @@ _Tensor = torch.Tensor
 
 def _plain_eager(q, k, v):
     """True when nothing would see the difference between the operator and its kernel: no tracing
-    (dynamo, jit), no dispatch or function mode, no functorch transform, no tensor subclass."""
+    (dynamo, jit), no dispatch or function mode, no functorch transform, no tensor subclass.
+    (is_compiling first: dynamo folds it to True and never reaches the C-level queries it cannot trace.)"""
     return (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and not _is_compiling()
             and not _dispatch_modes() and not _function_mode() and _functorch_stack() is None
             and not _jit_tracing())
@@ -361,7 +386,8 @@ class _EagerVarlenAttention(torch.autograd.Function):
 
 
 def _wants_grad(q, k, v):
-    return _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # requires_grad first: inference tensors answer False without the grad-mode lookup
+    return (q.requires_grad or k.requires_grad or v.requires_grad) and _grad_enabled()
 
 
 def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
@@ -369,9 +395,10 @@ def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, 
     """flash_attn_func's route (see the module docstring) -> (out, softmax_lse); in plain eager without a
     gradient, softmax_lse is None unless want_lse (the kernels then skip it)."""
     if _plain_eager(q, k, v):
-        if _wants_grad(q, k, v):
-            return _EagerAttention.apply(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
-                                         alibi_slopes, deterministic)
+        if q.requires_grad or k.requires_grad or v.requires_grad:
+            if _grad_enabled():
+                return _EagerAttention.apply(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                                             alibi_slopes, deterministic)
         return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, False,
                             0, None, want_lse)
     options = (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
@@ -396,7 +423,9 @@ def kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_le
             alibi_slopes, num_splits, want_lse=True):
     """flash_attn_with_kvcache's route (inference only) -> (out, softmax_lse); softmax_lse as in forward()."""
     if _plain_eager(q, k_cache, v_cache):
+        if not (cache_seqlens is None or (cache_seqlens.dtype is _I32 and cache_seqlens.is_contiguous())):
+            cache_seqlens = _seqused(cache_seqlens)
         return _run_forward(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
-                            alibi_slopes, False, num_splits, _seqused(cache_seqlens), want_lse)
+                            alibi_slopes, False, num_splits, cache_seqlens, want_lse)
     return fwd_kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
                        alibi_slopes, num_splits)

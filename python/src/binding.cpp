@@ -1,7 +1,8 @@
 // flashattn._C: the C++ entry points over DLPack arrays (numpy, torch, CPU or CUDA), no copies.
 // Every array becomes a flashattn::Tensor view; flashattn::Error becomes ValueError (its message
 // names the argument) and flashattn::Unsupported becomes NotImplementedError. No torch here: the
-// package's Python code allocates outputs and wires autograd.
+// package's Python code allocates outputs and wires autograd. The eager torch path's forward,
+// forward_eager, lives in eager_forward.cpp.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -11,6 +12,8 @@
 #include <optional>
 #include <string>
 
+#include "dlpack_view.h"
+#include "eager_forward.h"
 #include "flashattn/flashattn.h"
 
 namespace nb = nanobind;
@@ -19,48 +22,20 @@ using namespace nb::literals;
 
 namespace {
 
+using flashattn_python::view;
+
 // nb::ro: read-only numpy arrays are fine inputs; outputs are arrays the package just allocated.
 using Array = nb::ndarray<nb::ro>;
 
-std::string dlpack_dtype_name(nb::dlpack::dtype t) {
-  const char* kind = "?";
-  switch (static_cast<nb::dlpack::dtype_code>(t.code)) {
-    case nb::dlpack::dtype_code::Int: kind = "int"; break;
-    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
-    case nb::dlpack::dtype_code::Float: kind = "float"; break;
-    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
-    case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
-    case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
-  }
-  return std::string(kind) + std::to_string(t.bits);
-}
-
 fa::Tensor view(const Array& a, const char* name) {
-  fa::Tensor t;
-  nb::dlpack::dtype dt = a.dtype();
-  auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
-  if (dt.lanes != 1) throw fa::Error(name, "a scalar dtype", dlpack_dtype_name(dt) + " x" + std::to_string(dt.lanes));
-  if (code == nb::dlpack::dtype_code::Float && dt.bits == 32) t.dtype = fa::DType::f32;
-  else if (code == nb::dlpack::dtype_code::Float && dt.bits == 16) t.dtype = fa::DType::f16;
-  else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) t.dtype = fa::DType::bf16;
-  else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) t.dtype = fa::DType::i32;
-  else throw fa::Error(name, "float32, float16, bfloat16 (or int32 for cu_seqlens, seqused_k)", dlpack_dtype_name(dt));
-
-  int dev = a.device_type();
-  if (dev == nb::device::cpu::value) t.device = fa::Device::cpu();
-  else if (dev == nb::device::cuda::value || dev == nb::device::cuda_managed::value)
-    t.device = fa::Device::cuda(a.device_id());
-  else throw fa::Error(name, "a CPU or CUDA array", "DLPack device type " + std::to_string(dev));
-
-  if (a.ndim() > static_cast<size_t>(fa::Tensor::kMaxRank))
-    throw fa::Error(name, "a rank between 1 and 6", std::to_string(a.ndim()));
-  t.rank = static_cast<int>(a.ndim());
-  for (int i = 0; i < t.rank; ++i) {
-    t.shape[i] = static_cast<int64_t>(a.shape(i));
-    t.stride[i] = a.stride(i);  // DLPack strides are in elements already
+  const int64_t ndim = static_cast<int64_t>(a.ndim());
+  if (ndim > fa::Tensor::kMaxRank) throw fa::Error(name, "a rank between 1 and 6", std::to_string(ndim));
+  int64_t shape[fa::Tensor::kMaxRank], strides[fa::Tensor::kMaxRank];
+  for (int64_t i = 0; i < ndim; ++i) {
+    shape[i] = static_cast<int64_t>(a.shape(i));
+    strides[i] = a.stride(i);
   }
-  t.data = const_cast<void*>(a.data());
-  return t;
+  return view(a.dtype(), a.device_type(), a.device_id(), ndim, shape, strides, const_cast<void*>(a.data()), name);
 }
 
 std::optional<fa::Tensor> view(const std::optional<Array>& a, const char* name) {
@@ -130,6 +105,8 @@ NB_MODULE(_C, m) {
         fa::forward(tq, tk, tv, to, tl, o);
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), FA_OPTION_ARGS, FA_SEQUSED_K_ARG);
+
+  flashattn_python::add_eager_forward(m);  // forward_eager, has_exchange_api: the eager torch path's forward
 
   m.def(
       "backward",
