@@ -280,26 +280,27 @@ struct BwdConsumer {
   }
 
   // Element 4i + 2hh + e of an accumulator is key row g + 8hh of the warp's 16, query column
-  // 8i + 2t + e of the block.
+  // 8i + 2t + e of the block. The mask is IntMask's offset test (no per-query bounds held).
   __device__ __forceinline__ void probabilities(float (&s)[kBlockM / 2], const float* lse2, bool need_mask,
                                                 int m0) const {
     const int key = w.n0 + wg * 64 + warp() * 16 + g();  // this thread's first key; the second is + 8
+    const int lowest = kp.mask.lowest_offset(), highest = kp.mask.highest_offset();
+    const bool key_valid[2] = {key < kp.mask.seqlen_k, key + 8 < kp.mask.seqlen_k};
 #pragma unroll
     for (int i = 0; i < kBlockM / 8; ++i) {
       const int c = 8 * i + 2 * t();
       const float2 l = *reinterpret_cast<const float2*>(lse2 + c);  // +inf: the query sees no key
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float lse = e ? l.y : l.x;
-        const int begin = need_mask ? kp.mask.key_begin(m0 + c + e) : 0;
-        const int end = need_mask ? kp.mask.key_end(m0 + c + e) : 0;
+      for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           float& x = s[4 * i + 2 * hh + e];
-          x = flashattn::cuda::ptx::exp2_approx(fmaf(x, kp.args.scale_log2, -lse));
-          if (need_mask && (key + 8 * hh < begin || key + 8 * hh >= end)) x = 0.0f;
+          x = flashattn::cuda::ptx::exp2_approx(fmaf(x, kp.args.scale_log2, -(e ? l.y : l.x)));
+          if (need_mask) {
+            const int offset = key + 8 * hh - (m0 + c + e);
+            if (!key_valid[hh] || offset < lowest || offset > highest) x = 0.0f;
+          }
         }
-      }
     }
   }
 

@@ -31,6 +31,17 @@ struct IntMask {
   __device__ __forceinline__ int key_end(int i) const {
     return window_right < 0 ? seqlen_k : min(max(i + seqlen_k - seqlen_q + window_right + 1, 0), seqlen_k);
   }
+  // The same visibility as an offset test, for masking many (row, key) pairs without holding
+  // per-row bounds: key j is visible to row i iff j < seqlen_k and
+  //   lowest <= j - i <= highest,  lowest = seqlen_k - seqlen_q - window_left (or far below),
+  //                                highest = seqlen_k - seqlen_q + window_right (or far above).
+  // (key_begin / key_end clamp to [0, seqlen_k]; for 0 <= j < seqlen_k the clamps change nothing.)
+  __device__ __forceinline__ int lowest_offset() const {
+    return window_left < 0 ? -(1 << 30) : seqlen_k - seqlen_q - window_left;
+  }
+  __device__ __forceinline__ int highest_offset() const {
+    return window_right < 0 ? (1 << 30) : seqlen_k - seqlen_q + window_right;
+  }
   // Every row of [r0, r1) sees every key of [c0, c1): the block needs no mask.
   __device__ __forceinline__ bool block_fully_visible(int r0, int r1, int c0, int c1) const {
     return c0 >= key_begin(r1 - 1) && c1 <= key_end(r0);
