@@ -37,6 +37,15 @@ check() {
   echo "tests exit code $?"
   grep -E "^\[  (PASSED|FAILED) |^\[  SKIPPED \] [0-9]| tests ran" "$OUT/tests.log" | tail -25
 
+  echo "== the backward grid again on the sm80 kernel (FLASHATTN_CUDA_BACKWARD=sm80; 8 shards)"
+  for i in 0 1 2 3 4 5 6 7; do
+    FLASHATTN_CUDA_BACKWARD=sm80 OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i \
+      timeout 150 "$TESTS" --gtest_filter='*CudaBackward*' > "$OUT/tests-bwd-sm80.$i.log" 2>&1 &
+  done
+  wait
+  cat "$OUT"/tests-bwd-sm80.*.log > "$OUT/tests-bwd-sm80.log" && rm -f "$OUT"/tests-bwd-sm80.*.log
+  grep -E "^\[  (PASSED|FAILED) " "$OUT/tests-bwd-sm80.log" | sort | uniq -c
+
   echo "== flashattn-bench, default problem (picks the GPU), checked against the oracle"
   timeout 60 "$DIR/flashattn-bench" 2>&1 | tee "$OUT/main-bench.log"
   echo "flashattn-bench exit code ${PIPESTATUS[0]}"
@@ -82,7 +91,7 @@ bench() {
   timeout 200 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --ours-sm80 --out "$OUT" --name forward \
     --head-dims 64,128,256 --seqlens 512,1024,2048,4096,8192,16384 2>&1 | tail -45
   echo "== backward vs SDPA"
-  timeout 150 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --bwd --out "$OUT" --name backward \
+  timeout 200 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --bwd --ours-sm80 --out "$OUT" --name backward \
     --head-dims 64,128 --seqlens 1024,2048,4096,8192,16384 2>&1 | tail -25
   echo "== decode vs SDPA (TB/s)"
   timeout 150 python3 bench/gpu/bench_decode.py --ours "$GPU_BENCH" --out "$OUT" 2>&1 | tail -20

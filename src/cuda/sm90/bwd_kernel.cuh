@@ -82,7 +82,7 @@ struct BwdSmem {
     ptx::mbarrier_init(full_kv(), 1);
     for (int s = 0; s < Tr::kStages; ++s) {
       ptx::mbarrier_init(full(s), 1);                        // the producer's arrive_expect_tx
-      ptx::mbarrier_init(empty(s), Tr::kConsumerWGs * 4);    // lane 0 of every consumer warp
+      ptx::mbarrier_init(empty(s), Tr::kConsumerThreads);    // every consumer thread
     }
     ptx::fence_barrier_init();
   }
@@ -187,10 +187,10 @@ struct BwdConsumer {
   __device__ int g() const { return (thread_in_wg % 32) / 4; }  // this thread's rows g, g + 8 of its warp's 16
   __device__ int t() const { return thread_in_wg % 4; }         // its column pair in each n8 tile
 
-  // Lane 0 of each warp tells the producer this warp is done with a stage.
-  __device__ void release(int stage) const {
-    if (thread_in_wg % 32 == 0) ptx::mbarrier_arrive(smem.empty(stage));
-  }
+  // Every consumer thread tells the producer it is done with a stage. (Not lane 0 for its warp, as
+  // in the forward, where only wgmma reads the stages: here each thread also reads LSE and D with
+  // ordinary loads, and its own arrival is what orders those reads before the next copy into them.)
+  __device__ void release(int stage) const { ptx::mbarrier_arrive(smem.empty(stage)); }
 
   __device__ void run() {
 #pragma unroll
