@@ -192,39 +192,29 @@ struct BwdConsumer {
   // ordinary loads, and its own arrival is what orders those reads before the next copy into them.)
   __device__ void release(int stage) const { ptx::mbarrier_arrive(smem.empty(stage)); }
 
-  float s[kBlockM / 2];  // S^T of the current query block, issued one step ahead (issue_s)
-
   __device__ void run() {
 #pragma unroll
     for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.0f;
     ptx::mbarrier_wait(smem.full_kv(), 0);
-    if (w.steps > 0) issue_s(0);
-    for (int step = 0; step < w.steps; ++step) query_block(step);
+    for (int step = 0; step < w.steps; ++step) {
+      const int stage = step % Tr::kStages;
+      ptx::mbarrier_wait(smem.full(stage), (step / Tr::kStages) & 1);
+      query_block(step, stage);
+    }
     store_dkdv();
   }
 
-  // S^T = K Q^T of query block `step`, once its stage has landed (one commit group).
-  __device__ __forceinline__ void issue_s(int step) {
-    const int stage = step % Tr::kStages;
-    ptx::mbarrier_wait(smem.full(stage), (step / Tr::kStages) & 1);
-    ptx::fence_operands(s);
-    ptx::wgmma_fence();
-    gemm_kmajor(s, ptx::smem_addr(smem.k()) + wg * 64 * Tr::kRowBytes, ptx::smem_addr(smem.q(stage)));
-    ptx::wgmma_commit();
-  }
-
-  // One query block. On entry its S^T is in flight (issue_s); on exit the next block's is, issued
-  // as soon as this block's dV/dK products have freed the P^T / dS^T fragments, so that it runs on
-  // the tensor cores behind this block's dQ and under its dQ reductions.
-  __device__ __forceinline__ void query_block(int step) {
-    const int stage = step % Tr::kStages;
+  __device__ __forceinline__ void query_block(int step, int stage) {
     const int h = w.head(step), m0 = w.m0(step);
+    const uint32_t k_rows = ptx::smem_addr(smem.k()) + wg * 64 * Tr::kRowBytes;
     const uint32_t v_rows = ptx::smem_addr(smem.v()) + wg * 64 * Tr::kRowBytes;
     const uint32_t q = ptx::smem_addr(smem.q(stage)), dout = ptx::smem_addr(smem.dout(stage));
 
-    // dP^T = V dO^T: its own group, so the softmax of S^T starts while it runs.
-    float dp[kBlockM / 2];
+    // S^T = K Q^T and dP^T = V dO^T: two groups, so the softmax of S^T starts while dP^T runs.
+    float s[kBlockM / 2], dp[kBlockM / 2];
     ptx::wgmma_fence();
+    gemm_kmajor(s, k_rows, q);
+    ptx::wgmma_commit();
     gemm_kmajor(dp, v_rows, dout);
     ptx::wgmma_commit();
 
@@ -249,8 +239,6 @@ struct BwdConsumer {
     float dq[32];
     ptx::fence_operands(dk);
     ptx::fence_operands(dv);
-    ptx::fence_operands(pt);
-    ptx::fence_operands(dst);
     ptx::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
@@ -270,17 +258,9 @@ struct BwdConsumer {
                                       ptx::make_smem_desc(k_b + kk * 16 * Tr::kRowBytes, Tr::kKChunkBytes, 1024),
                                       kk > 0);
     ptx::wgmma_commit();
-    ptx::wgmma_wait<1>();  // dV, dK done: the fragments are free (groups complete in order)
+    ptx::wgmma_wait<0>();
     ptx::fence_operands(dk);
     ptx::fence_operands(dv);
-    ptx::fence_operands(pt);
-    ptx::fence_operands(dst);
-    if (step + 1 < w.steps) {
-      issue_s(step + 1);
-      ptx::wgmma_wait<1>();  // dQ done; the next S^T may still run
-    } else {
-      ptx::wgmma_wait<0>();
-    }
     ptx::fence_operands(dq);
     release(stage);  // Q, dO, LSE and D of this stage are no longer read
     add_dq(dq, h, m0);
