@@ -1,7 +1,7 @@
 // flashattn-gpu-bench: times flashattn::forward (or backward) on CUDA tensors.
 //
 //   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] [--read-bandwidth MiB]
-//                       [--rotate-kv] [--backward [--deterministic]]
+//                       [--rotate-kv] [--backward [--deterministic]] [--softcap C]
 //                       --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
 //
 // Each case is (batch, seqlen_k, heads, head_dim, causal 0/1), optionally kv heads HK (0 or absent:
@@ -107,6 +107,7 @@ int main(int argc, char** argv) {
   int64_t read_mib = 0;
   bool rotate_kv = false;
   bool backward = false, deterministic = false;
+  float softcap = 0.0f;  // > 0: the tanh softcap on every score (flash_attn's softcap)
   flashattn::DType dtype = flashattn::DType::bf16;
   std::vector<Case> cases;
   for (int i = 1; i < argc; ++i) {
@@ -122,6 +123,7 @@ int main(int argc, char** argv) {
     else if (a == "--rotate-kv") rotate_kv = true;
     else if (a == "--backward") backward = true;
     else if (a == "--deterministic") deterministic = true;
+    else if (a == "--softcap") softcap = std::stof(next());
     else if (a == "--case") {
       Case c{};
       int causal = 0;
@@ -138,7 +140,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--read-bandwidth MiB] [--rotate-kv] "
-                   "[--backward [--deterministic]] "
+                   "[--backward [--deterministic]] [--softcap C] "
                    "--case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] ...\n",
                    argv[0]);
       return 2;
@@ -226,6 +228,7 @@ int main(int argc, char** argv) {
     opt.causal = c.causal;
     opt.num_splits = c.num_splits;
     opt.deterministic = deterministic;
+    opt.softcap = softcap;
     opt.stream = stream;
     auto qo = [&](uint16_t* p) {
       return Tensor::contiguous(p, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);

@@ -868,8 +868,8 @@ INSTANTIATE_TEST_SUITE_P(Grid, CudaBackward, ::testing::ValuesIn(grid()),
 
 // ---- which kernel runs --------------------------------------------------------------------------
 // On an H100 (builds with the 90a arch and head dims 64, 128) the sm90 backward takes the
-// fixed-length calls it covers; the rest, and every call under FLASHATTN_CUDA_BACKWARD=sm80, run on
-// the sm80 kernel.
+// fixed-length calls with head dims up to 128; the rest, and every call under
+// FLASHATTN_CUDA_BACKWARD=sm80, run on the sm80 kernel.
 bool expect_sm90_backward() {
 #if FLASHATTN_TEST_HAVE_SM90
   int major = 0, minor = 0;
@@ -914,15 +914,17 @@ TEST(CudaBackwardDispatch, Sm90TakesCoveredCallsOnHopper) {
       const std::string k80 = kernel_of(c, "sm80");
       EXPECT_TRUE(starts_with(k80, "flash_bwd_sm80")) << "FLASHATTN_CUDA_BACKWARD=sm80 must pick sm80: " << k80;
     }
-  // Not covered (yet): the sm80 kernel runs them.
+  // The deterministic mode and softcap / ALiBi run on sm90 too; head dims above 128 do not (yet).
   c.d = 64;
   c.causal = false;
-  Case det = c, softcap = c, wide = c;
+  Case det = c, softcap = c, alibi = c, wide = c;
   det.deterministic = true;
   softcap.softcap = 10.0f;
+  alibi.alibi = Slopes::heads;
   wide.d = 192;
-  for (const Case& u : {det, softcap, wide})
-    EXPECT_TRUE(starts_with(kernel_of(u, "auto"), "flash_bwd_sm80")) << kernel_of(u, "auto");
+  for (const Case& u : {det, softcap, alibi})
+    EXPECT_TRUE(starts_with(kernel_of(u, "auto"), "flash_bwd_sm90")) << kernel_of(u, "auto");
+  EXPECT_TRUE(starts_with(kernel_of(wide, "auto"), "flash_bwd_sm80")) << kernel_of(wide, "auto");
 }
 
 // ---- deterministic mode -------------------------------------------------------------------------

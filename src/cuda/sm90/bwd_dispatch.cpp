@@ -42,9 +42,6 @@ std::string coverage_problem(const BwdParams& p, int device, int* head_dim) {
     return "the device is sm_" + std::to_string(major) + std::to_string(minor) + " (sm90a code runs on sm_90 only)";
   if (p.dtype != DType::bf16 && p.dtype != DType::f16) return "dtype is not fp16 or bf16";
   if (p.cu_seqlens_q || p.cu_seqlens_k || p.seqused_k) return "varlen batches are not covered yet";
-  if (p.softcap > 0) return "softcap is not covered yet";
-  if (p.alibi_slopes) return "ALiBi is not covered yet";
-  if (p.deterministic) return "the deterministic mode is not covered yet";
   const int need = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
   *head_dim = 0;
   for (int d : kBwdHeadDims)

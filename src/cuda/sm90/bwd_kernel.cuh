@@ -19,6 +19,12 @@
 // The postprocess kernel turns the dQ accumulator into dQ * scale (sm80/bwd_prepost.cuh, shared
 // with the sm80 backward, as are its workspace layout and the preprocess).
 //
+// Softcap and ALiBi (kScoreMod) transform the scores exactly as the forward does, and dS takes
+// the softcap's derivative 1 - tanh^2. In deterministic mode the key blocks of a (sequence, kv head)
+// add to each query block's dQ one at a time in decreasing order, behind a counter per (sequence,
+// head, query block): the sm80 backward's scheme (sm80/bwd_dq_accum.cuh explains the order and why it
+// cannot deadlock), with the consumer warpgroups taking the turn together.
+//
 // Query blocks that see none of the CTA's keys are never visited; keys no query sees get
 // dK = dV = 0. Padding is exact: Q / dO rows past the sequence arrive as zeros with LSE*log2e =
 // +inf (P = 0, dS = 0), K / V rows past it as zeros that the mask hides.
@@ -52,6 +58,7 @@ struct BwdKernelParams {
 constexpr int kBwdBarrierDsReady = 1;   // both consumer warpgroups wrote their dS^T half
 constexpr int kBwdBarrierKvFree = 2;    // both are done reading K and V (epilogue)
 constexpr int kBwdBarrierStore0 = 3;    // + warpgroup: its dK / dV rows are in shared memory
+constexpr int kBwdBarrierDqTurn = 5;    // deterministic mode: the dQ turn taken / passed
 
 template <typename Tr>
 struct BwdSmem {
@@ -91,7 +98,7 @@ struct BwdSmem {
 // What one CTA does: its key block and the query blocks that see it.
 template <typename Tr>
 struct BwdWork {
-  int b, hk, n0;
+  int b, hk, n_block, n0;
   int keys;              // valid keys of the block (the last block of a sequence may be short)
   int m_begin, m_count;  // query blocks [m_begin, m_begin + m_count) see some key of the block
   int group, steps;      // steps = group * m_count (query head, query block) pairs, head-major
@@ -99,12 +106,14 @@ struct BwdWork {
   __device__ static BwdWork of(const BwdKernelParams& kp) {
     BwdWork w;
     int bid = int(blockIdx.x);
-    // Key block fastest, 0 first: under a causal mask it is the one most query blocks see.
-    const int n_block = bid % kp.args.n_blocks;
+    // Key block fastest, 0 first: under a causal mask it is the one most query blocks see. In
+    // deterministic mode the last one first: key blocks add to dQ in decreasing order, and a CTA
+    // then only waits for CTAs that started before it.
+    w.n_block = kp.p.deterministic ? kp.args.n_blocks - 1 - bid % kp.args.n_blocks : bid % kp.args.n_blocks;
     bid /= kp.args.n_blocks;
     w.hk = bid % kp.p.heads_k;
     w.b = bid / kp.p.heads_k;
-    w.n0 = n_block * Tr::kBlockN;
+    w.n0 = w.n_block * Tr::kBlockN;
     const IntMask& mask = kp.mask;
     w.keys = min(Tr::kBlockN, mask.seqlen_k - w.n0);
     // Both bounds of a row's visible keys are monotone in the row: the rows that see a key of
@@ -167,7 +176,7 @@ __device__ __forceinline__ void produce_bwd(const BwdKernelParams& kp, const Bwd
   }
 }
 
-template <typename Tr>
+template <typename Tr, bool kScoreMod>
 struct BwdConsumer {
   using T = typename Tr::Element;
   static constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim;
@@ -218,14 +227,22 @@ struct BwdConsumer {
     gemm_kmajor(dp, v_rows, dout);
     ptx::wgmma_commit();
 
-    ptx::wgmma_wait<1>();
-    ptx::fence_operands(s);
     const int r1 = min(m0 + kBlockM, kp.mask.seqlen_q);
     const bool need_mask = !kp.mask.block_fully_visible(m0, r1, w.n0, w.n0 + Tr::kBlockN);
-    probabilities(s, smem.lse2(stage), need_mask, m0);
-    ptx::wgmma_wait<0>();
-    ptx::fence_operands(dp);
-    score_grads(dp, s, smem.delta(stage));
+    if constexpr (kScoreMod) {
+      // The softcap's derivative is needed per element for dS: P and dS in one pass, after dP^T.
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(s);
+      ptx::fence_operands(dp);
+      modded_probabilities_and_grads(s, dp, smem.lse2(stage), smem.delta(stage), need_mask, m0, h);
+    } else {
+      ptx::wgmma_wait<1>();
+      ptx::fence_operands(s);
+      probabilities(s, smem.lse2(stage), need_mask, m0);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(dp);
+      score_grads(dp, s, smem.delta(stage));
+    }
 
     Fragment pt, dst;
     to_fragment(pt, s);
@@ -263,7 +280,40 @@ struct BwdConsumer {
     ptx::fence_operands(dv);
     ptx::fence_operands(dq);
     release(stage);  // Q, dO, LSE and D of this stage are no longer read
-    add_dq(dq, h, m0);
+    if (kp.p.deterministic) {
+      take_dq_turn(h, m0);
+      add_dq(dq, h, m0);
+      pass_dq_turn(h, m0);
+    } else {
+      add_dq(dq, h, m0);
+    }
+  }
+
+  // Deterministic mode: the counter of query block m0 / kBlockM of (b, h) counts the key blocks that
+  // have added to it; this CTA's turn comes after every higher key block that the query block sees.
+  __device__ int* dq_counter(int h, int m0) const {
+    return kp.args.dq_semaphore + (int64_t(w.b) * kp.p.heads + h) * kp.args.m_blocks + m0 / Tr::kBlockM;
+  }
+  __device__ void take_dq_turn(int h, int m0) const {
+    if (wg == 0 && thread_in_wg == 0) {
+      // The block's rows see keys up to the last key of its last row that sees any (rows that see
+      // nothing only lead or trail), and every key block from there down to ours adds before us.
+      const int r1 = min(m0 + kBlockM, kp.mask.seqlen_q);
+      const int past_last = BwdWork<Tr>::first_row(m0, r1, [&](int i) { return kp.mask.key_begin(i) >= kp.mask.seqlen_k; });
+      const int rank = (kp.mask.key_end(past_last - 1) - 1) / Tr::kBlockN - w.n_block;
+      const int* counter = dq_counter(h, m0);
+      int seen;
+      do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+      } while (seen != rank);
+    }
+    ptx::named_barrier_sync(kBwdBarrierDqTurn, Tr::kConsumerThreads);
+  }
+  // Each thread's fence orders its reductions before the barrier, and so before the increment.
+  __device__ void pass_dq_turn(int h, int m0) const {
+    __threadfence();
+    ptx::named_barrier_sync(kBwdBarrierDqTurn, Tr::kConsumerThreads);
+    if (wg == 0 && thread_in_wg == 0) atomicAdd(dq_counter(h, m0), 1);
   }
 
   // acc (64 x kBlockM) = rows (64 x d, this warpgroup's keys) x cols^T (kBlockM x d); both K-major.
@@ -300,6 +350,48 @@ struct BwdConsumer {
             const int offset = key + 8 * hh - (m0 + c + e);
             if (!key_valid[hh] || offset < lowest || offset > highest) x = 0.0f;
           }
+        }
+    }
+  }
+
+  // Softcap / ALiBi: P^T = exp2(log2e * mod(scale * S^T) - LSE*log2e[query]) in s and
+  // dS^T = P^T (dP^T - D[query]) * d mod / d(scale * S^T) in dp, element by element.
+  __device__ __forceinline__ void modded_probabilities_and_grads(float (&s)[kBlockM / 2], float (&dp)[kBlockM / 2],
+                                                                 const float* lse2, const float* delta,
+                                                                 bool need_mask, int m0, int h) const {
+    constexpr float kLog2e = 1.4426950408889634f;
+    const int key = w.n0 + wg * 64 + warp() * 16 + g();
+    const int lowest = kp.mask.lowest_offset(), highest = kp.mask.highest_offset();
+    const bool key_valid[2] = {key < kp.mask.seqlen_k, key + 8 < kp.mask.seqlen_k};
+    const float softcap = kp.p.softcap, inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
+    const float slope = kp.p.alibi_slopes ? kp.p.alibi_slopes[w.b * kp.p.alibi_batch_stride + h] : 0.0f;
+    const int diagonal_shift = kp.mask.seqlen_k - kp.mask.seqlen_q;  // row i's diagonal key: i + shift
+#pragma unroll
+    for (int i = 0; i < kBlockM / 8; ++i) {
+      const int c = 8 * i + 2 * t();
+      const float2 l = *reinterpret_cast<const float2*>(lse2 + c);
+      const float2 d = *reinterpret_cast<const float2*>(delta + c);
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int idx = 4 * i + 2 * hh + e;
+          const int offset = key + 8 * hh - (m0 + c + e);  // key - query
+          float x = s[idx] * kp.p.scale;
+          float dscore = 1.0f;
+          if (softcap > 0) {
+            const float th = tanhf(x * inv_softcap);
+            x = softcap * th;
+            dscore = 1.0f - th * th;
+          }
+          if (slope != 0) {
+            const int dist = offset - diagonal_shift;  // key - (query's diagonal key)
+            x -= slope * float(dist < 0 ? -dist : dist);
+          }
+          float prob = flashattn::cuda::ptx::exp2_approx(x * kLog2e - (e ? l.y : l.x));
+          if (need_mask && (!key_valid[hh] || offset < lowest || offset > highest)) prob = 0.0f;
+          s[idx] = prob;
+          dp[idx] = prob * (dp[idx] - (e ? d.y : d.x)) * dscore;
         }
     }
   }
@@ -413,7 +505,8 @@ __device__ void zero_dkdv(const BwdKernelParams& kp, const BwdWork<Tr>& w) {
   }
 }
 
-template <typename Tr>
+// kScoreMod: softcap and/or ALiBi present (their code stays out of the plain kernel).
+template <typename Tr, bool kScoreMod>
 __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   const BwdWork<Tr> w = BwdWork<Tr>::of(kp);
@@ -430,7 +523,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_sm90_kernel(const _
     if (threadIdx.x == 0) produce_bwd<Tr>(kp, smem, w);
   } else {
     ptx::setmaxnreg_inc<Tr::kConsumerRegs>();
-    BwdConsumer<Tr> consumer{kp, smem, w, wg - 1, int(threadIdx.x) % 128};
+    BwdConsumer<Tr, kScoreMod> consumer{kp, smem, w, wg - 1, int(threadIdx.x) % 128};
     consumer.run();
   }
 #endif

@@ -31,10 +31,24 @@ std::string bwd_kernel_name() {
   return bwd_traits_name<BwdTraits<kHeadDim, T>>();
 }
 
+template <typename Tr, bool kScoreMod>
+void launch_main(const BwdKernelParams& kp, int64_t blocks, int device, cudaStream_t stream) {
+  static const std::string name = bwd_traits_name<Tr>() + (kScoreMod ? " (softcap/alibi)" : "");
+  auto kernel = flash_bwd_sm90_kernel<Tr, kScoreMod>;
+  // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
+  static std::atomic<uint64_t> smem_ready{0};
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (!bit || !(smem_ready.load(std::memory_order_acquire) & bit)) {
+    FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+    smem_ready.fetch_or(bit, std::memory_order_release);
+  }
+  kernel<<<dim3(unsigned(blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(kp);
+  FA_CHECK_LAUNCH(name.c_str());
+}
+
 template <int kHeadDim, typename T>
 void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
   using Tr = BwdTraits<kHeadDim, T>;
-  static const std::string name = bwd_traits_name<Tr>();
   constexpr float kLog2e = 1.4426950408889634f;
 
   BwdKernelParams kp{};
@@ -61,17 +75,13 @@ void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
     sm80::flash_bwd_preprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(Tr::kBlockM * 4), 0, stream>>>(p, kp.args);
     FA_CHECK_LAUNCH("flash_bwd_preprocess (sm90 tiles)");
   }
+  if (kp.args.dq_semaphore)
+    FA_CUDA_CHECK(cudaMemsetAsync(kp.args.dq_semaphore, 0, kp.args.semaphore_bytes(p), stream));
   if (main_blocks > 0) {
-    auto kernel = flash_bwd_sm90_kernel<Tr>;
-    // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
-    static std::atomic<uint64_t> smem_ready{0};
-    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-    if (!bit || !(smem_ready.load(std::memory_order_acquire) & bit)) {
-      FA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-      smem_ready.fetch_or(bit, std::memory_order_release);
-    }
-    kernel<<<dim3(unsigned(main_blocks)), dim3(Tr::kThreads), Tr::kSmemBytes, stream>>>(kp);
-    FA_CHECK_LAUNCH(name.c_str());
+    if (p.softcap > 0 || p.alibi_slopes)
+      launch_main<Tr, true>(kp, main_blocks, device, stream);
+    else
+      launch_main<Tr, false>(kp, main_blocks, device, stream);
   }
   if (row_blocks > 0) {
     sm80::flash_bwd_postprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(Tr::kBlockM * 4), 0, stream>>>(p, kp.args);
