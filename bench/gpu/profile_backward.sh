@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# ncu of one backward main-kernel launch each for d = 64 and 128 (non-causal, seqlen 8192, 16k
-# tokens), run from a folder holding flashattn-gpu-bench and lib.tar.xz. Reports go to $OUT.
+# ncu of one backward main-kernel launch (sm90 or sm80, whichever the dispatch runs; FLASHATTN_CUDA_BACKWARD
+# picks) each for d = 64 and 128 (non-causal, seqlen 8192, 16k tokens), run from a folder holding flashattn-gpu-bench and lib.tar.xz. Reports go to $OUT.
 cd "$(dirname "$0")"
 [[ -d lib ]] || tar -xJf lib.tar.xz
 export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-.}
 for d in 64 128; do
-  timeout ${NCU_TIMEOUT:-60} ncu --kernel-name regex:flash_bwd_kernel --launch-count 1 \
+  timeout ${NCU_TIMEOUT:-60} ncu --kernel-name "regex:flash_bwd_(sm90_)?kernel" --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section InstructionStats \
