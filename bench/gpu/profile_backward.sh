@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ncu of one backward main-kernel launch (sm90 or sm80, whichever the dispatch runs; FLASHATTN_CUDA_BACKWARD
-# picks) each for d = 64 and 128 (non-causal, seqlen 8192, 16k tokens), run from a folder holding flashattn-gpu-bench and lib.tar.xz. Reports go to $OUT.
+# picks) each for d = 64 and 128 (non-causal, seqlen 8192, 16k tokens), run from a folder holding
+# flashattn-gpu-bench and lib.tar.xz. Reports go to $OUT.
 cd "$(dirname "$0")"
 [[ -d lib ]] || tar -xJf lib.tar.xz
 export LD_LIBRARY_PATH=$PWD/lib:${LD_LIBRARY_PATH:-}
