@@ -25,8 +25,8 @@ constexpr int kBarrierEpilogue0 = 3;
 
 template <typename Tr>
 __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& smem, float (&o)[Tr::kHeadDim / 2],
-                                        const OnlineSoftmax<Tr::kBlockN>& softmax, int m0, int h, int b, int wg,
-                                        int thread_in_wg) {
+                                        const OnlineSoftmax<Tr::kBlockN, Tr::kLazyRescale>& softmax, int m0, int h,
+                                        int b, int wg, int thread_in_wg) {
   using T = typename Tr::Element;
   const int warp = thread_in_wg / 32, lane = thread_in_wg % 32;
   const int g = lane / 4, t = lane % 4;

@@ -50,7 +50,7 @@ struct Consumer {
   float o[Tr::kHeadDim / 2];
   float s[Tr::kBlockN / 2];
   PFragment<Tr> pfrag;
-  OnlineSoftmax<Tr::kBlockN> softmax;
+  OnlineSoftmax<Tr::kBlockN, Tr::kLazyRescale> softmax;
 
   __device__ uint32_t smem_q_wg() const { return ptx::smem_addr(smem.q() + wg * 64 * Tr::kRowBytes); }
 
@@ -138,7 +138,7 @@ struct Consumer {
 
       float alpha[2];
       scores_to_probs(n, alpha);
-      rescale_o<Tr::kHeadDim>(o, alpha);
+      rescale_o<Tr::kHeadDim, Tr::kLazyRescale>(o, alpha);
       convert_p<Tr>(pfrag, s);
 
       wait_v(it);
@@ -195,7 +195,7 @@ struct Consumer {
       ptx::fence_operands(o);
       ptx::fence_operands(pfrag);
       release(smem.empty_v(Slot<Tr>::of(it).stage));
-      rescale_o<Tr::kHeadDim>(o, alpha);
+      rescale_o<Tr::kHeadDim, Tr::kLazyRescale>(o, alpha);
       convert_p<Tr>(pfrag, s);
     }
     // The first visible block's P V.

@@ -33,6 +33,9 @@ struct FwdTraits {
   static constexpr int kStages = kTile.stages;
   static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 is the producer
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+  // Rescale O only when a row's max rises by more than kRescaleSlack (softmax.cuh): for O of 64+
+  // registers per thread.
+  static constexpr bool kLazyRescale = kHeadDim >= 128;
 
   // The producer needs a handful of registers (one thread issues TMA); the consumers share the rest.
   // setmaxnreg counts are multiples of 8 in [24, 256]. Every warp starts with the launch cap

@@ -7,6 +7,7 @@
 //
 // Scores live in the log2 domain with the softmax scale folded into the exponent:
 //   P = exp2(S * scale_log2 - m),  m = running max of S * scale_log2  (scale_log2 > 0)
+// (lazily: m may trail the true max by up to kRescaleSlack, see OnlineSoftmax::step)
 // A row with no visible key so far keeps m = -inf; it subtracts 0 instead, so that
 // exp2(-inf - m) is 0 and not NaN.
 #pragma once
@@ -52,7 +53,13 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 2], const FwdPa
   }
 }
 
-template <int kBlockN>
+// Lazy rescaling (kLazy): how far (log2 units) a block's max may exceed the running max before O
+// and l are rescaled. Used where O is large (head dim >= 128: 64+ registers of O per thread to
+// rescale): +0-12% at d128 / d256 on the H100; at d64 it measured within noise and stays eager
+// (bench/gpu/HOPPER_NOTES.md, session 3).
+constexpr float kRescaleSlack = 8.0f;
+
+template <int kBlockN, bool kLazy>
 struct OnlineSoftmax {
   float row_max[2];  // scaled log2 domain
   float row_sum[2];  // this thread's partial sum of P
@@ -69,10 +76,18 @@ struct OnlineSoftmax {
       float mx = neg_inf();
 #pragma unroll
       for (int i = 0; i < kBlockN / 8; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * hh], s[4 * i + 2 * hh + 1]));
-      mx = fmaxf(row_max[hh], quad_max(mx) * scale_log2);  // -inf * scale = -inf
-      const float m_use = mx == neg_inf() ? 0.0f : mx;
-      alpha[hh] = flashattn::cuda::ptx::exp2_approx(row_max[hh] - m_use);
-      row_max[hh] = mx;
+      mx = quad_max(mx) * scale_log2;  // -inf * scale = -inf
+      // Lazy: keep the running max unless the block raises it by more than kRescaleSlack. Then
+      // P <= 2^kRescaleSlack (bf16 and fp32 hold it with the same relative precision) and O, l
+      // need no rescale (alpha = 1), which is what most blocks after the first see. O / l and
+      // LSE = m + log2 l use the same m, so the result does not change. Eager: slack 0.
+      if (mx > row_max[hh] + (kLazy ? kRescaleSlack : 0.0f)) {  // also the first block: row_max = -inf
+        alpha[hh] = flashattn::cuda::ptx::exp2_approx(row_max[hh] - mx);
+        row_max[hh] = mx;
+      } else {
+        alpha[hh] = 1.0f;
+      }
+      const float m_use = row_max[hh] == neg_inf() ? 0.0f : row_max[hh];
       float sum = 0.0f;
 #pragma unroll
       for (int i = 0; i < kBlockN / 8; ++i)
@@ -88,8 +103,11 @@ struct OnlineSoftmax {
 };
 
 // O *= alpha, row by row.
-template <int kHeadDim>
+template <int kHeadDim, bool kLazy>
 __device__ __forceinline__ void rescale_o(float (&o)[kHeadDim / 2], const float (&alpha)[2]) {
+  // Lazy rescaling (OnlineSoftmax::step) leaves alpha = 1 on most blocks: skip when the whole warp has.
+  if constexpr (kLazy)
+    if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) return;
 #pragma unroll
   for (int i = 0; i < kHeadDim / 8; ++i)
 #pragma unroll
