@@ -5,7 +5,7 @@
 //   flashattn-bench --device cpu --impl both --batch 1 --heads 16 --seqlen 4096 --head-dim 128
 //
 // Rates count the exactly visible (query, key) pairs: forward FLOPs = 2 * pairs * (d + d_v) per
-// (batch, head), i.e. 4 b h sq sk d without a mask; backward = 2.5x forward (DESIGN §6).
+// (batch, head), i.e. 4 b h sq sk d without a mask; backward = 2.5x forward (docs/DESIGN.md §6).
 // Exit codes: 0 done (an implementation that is unsupported or too big is reported and skipped),
 // 1 the run cannot happen here (no CUDA, out of memory), 2 the library rejected the problem,
 // other nonzero values: invalid command line (CLI11's).
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -85,20 +86,35 @@ std::string check_window(const std::string& text) {
   return "";
 }
 
+// CLI11's own range checks print their bounds as doubles (DBL_MAX spelled out) and reject
+// non-numbers in other words; this says both plainly: "expected an integer >= 1, got '0'".
+CLI::Validator integer_at_least(long long low) {
+  return CLI::Validator(
+      [low](std::string& text) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        const long long v = std::strtoll(text.c_str(), &end, 10);
+        if (text.empty() || *end || errno == ERANGE) return "expected an integer, got '" + text + "'";
+        if (v < low) return "expected an integer >= " + std::to_string(low) + ", got " + text;
+        return "";
+      },
+      "INT >= " + std::to_string(low));
+}
+
 void add_options(CLI::App& app, Config& c) {
   app.add_option("--device", c.device_name, "cpu, cuda or auto (cuda when available)")
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}))->capture_default_str();
   app.add_option("--impl", c.impl, "flash, standard or both")
       ->check(CLI::IsMember({"flash", "standard", "both"}))->capture_default_str();
-  app.add_option("--batch", c.batch, "batch size")->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--heads", c.heads, "query heads")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--batch", c.batch, "batch size")->check(integer_at_least(0))->capture_default_str();
+  app.add_option("--heads", c.heads, "query heads")->check(integer_at_least(0))->capture_default_str();
   app.add_option("--kv-heads", c.kv_heads, "key/value heads (GQA/MQA)")
-      ->check(CLI::NonNegativeNumber)->default_str("heads");
+      ->check(integer_at_least(0))->default_str("heads");
   app.add_option("--seqlen", c.seqlen, "sets both --seqlen-q and --seqlen-k")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--seqlen-q", c.seqlen_q, "query length")->check(CLI::NonNegativeNumber)->default_str("seqlen");
-  app.add_option("--seqlen-k", c.seqlen_k, "key length")->check(CLI::NonNegativeNumber)->default_str("seqlen");
-  app.add_option("--head-dim", c.head_dim, "head dimension")->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(integer_at_least(0))->capture_default_str();
+  app.add_option("--seqlen-q", c.seqlen_q, "query length")->check(integer_at_least(0))->default_str("seqlen");
+  app.add_option("--seqlen-k", c.seqlen_k, "key length")->check(integer_at_least(0))->default_str("seqlen");
+  app.add_option("--head-dim", c.head_dim, "head dimension")->check(integer_at_least(0))->capture_default_str();
   app.add_option("--dtype", c.dtype_name, "fp32, fp16 or bf16")
       ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))->default_str("fp32 on cpu, bf16 on cuda");
   app.add_flag("--causal", c.causal, "causal mask (bottom-right aligned)");
@@ -107,9 +123,9 @@ void add_options(CLI::App& app, Config& c) {
   app.add_option("--softcap", c.softcap, "score softcap (0 = off)")->capture_default_str();
   app.add_flag("--backward", c.backward, "time the backward pass too");
   app.add_flag("--check,!--no-check", c.check, "compare with the fp64 oracle (on by default)");
-  app.add_option("--iters", c.iters, "timed iterations")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--warmup", c.warmup, "untimed iterations first")->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--iters", c.iters, "timed iterations")->check(integer_at_least(1))->capture_default_str();
+  app.add_option("--warmup", c.warmup, "untimed iterations first")->check(integer_at_least(0))->capture_default_str();
+  app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->check(integer_at_least(0))->capture_default_str();
   app.add_flag("--json", c.json, "one JSON object per line per (impl, pass) instead of the table");
 }
 
@@ -120,6 +136,9 @@ std::optional<int> resolve(Config& c) {
   if (c.kv_heads < 0) c.kv_heads = c.heads;
   std::sscanf(c.window.c_str(), "%d,%d", &c.window_left, &c.window_right);
   c.threads_used = c.threads > 0 ? c.threads : omp_get_max_threads();
+  if (c.threads > omp_get_num_procs())
+    std::fprintf(stderr, "flashattn-bench: warning: --threads %d is more than the %d cores here; threads will "
+                         "share cores and the timings will suffer\n", c.threads, omp_get_num_procs());
 
   const bool want_cuda = c.device_name == "cuda" || (c.device_name == "auto" && cuda_available());
   if (want_cuda && !cuda_available()) {
@@ -146,7 +165,7 @@ Options options_of(const Config& c) {
 bool on_cpu(const Config& c) { return c.device.kind == DeviceKind::cpu; }
 
 Mask mask_of(const Config& c) {
-  return Mask{c.seqlen_q, c.seqlen_k, c.window_left, c.causal ? 0 : c.window_right};
+  return Mask::make(c.seqlen_q, c.seqlen_k, c.window_left, c.causal ? 0 : c.window_right);
 }
 
 // ---- problem size ------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Configures and builds flashattn into build/ (Release). Extra arguments go to cmake.
+# Configures and builds flashattn (Release). Extra arguments go to cmake's configure step.
+#   FLASHATTN_BUILD_DIR   the build folder (default build/)
+#   FLASHATTN_BUILD_TARGET  build only this target (default: everything)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
-cmake --build build -j"$(nproc)"
+dir=${FLASHATTN_BUILD_DIR:-build}
+cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+cmake --build "$dir" -j"$(nproc)" ${FLASHATTN_BUILD_TARGET:+--target "$FLASHATTN_BUILD_TARGET"}

@@ -4,7 +4,7 @@ flashattn-gpu-bench) against PyTorch SDPA's flash, cuDNN and mem-efficient backe
 
     python3 bench/gpu/bench_decode.py --ours build/bench/gpu/flashattn-gpu-bench --out DIR
 
-Shape (DESIGN §6): 32 query heads over 8 KV heads, d 128, bf16, seqlen_q 1, batch 1 and 16,
+Shape (docs/DESIGN.md §6): 32 query heads over 8 KV heads, d 128, bf16, seqlen_q 1, batch 1 and 16,
 keys 4k ... 128k (batch 16 up to what fits). Decoding is memory-bound, so every result is a
 bandwidth: TB/s = (K + V + Q + O bytes) / median time, next to the device's ceilings measured in
 the same run (torch copy, read + write; a plain streaming read, read only).

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Attention on the GPU, forward or (--bwd) backward: flashattn (through flashattn-gpu-bench) against
-PyTorch SDPA's flash (FA2) and cuDNN backends, on the FlashAttention papers' convention (DESIGN §6):
+PyTorch SDPA's flash (FA2) and cuDNN backends, on the FlashAttention papers' convention (docs/DESIGN.md §6):
 16k tokens in total, model dim 2048, heads = 2048 / d, batch = 16384 / seqlen, bf16.
 
     python3 bench/gpu/bench_sdpa.py --ours build/bench/gpu/flashattn-gpu-bench --out DIR [--bwd]
@@ -11,6 +11,8 @@ one forward.
 
 --ours-sm80 times ours a second time with FLASHATTN_CUDA_FORWARD=sm80 and FLASHATTN_CUDA_BACKWARD=sm80
 (the sm80 kernels on a Hopper GPU) and adds its column and the ratio, so the sm90 and sm80 kernels meet in one run.
+--baseline BIN times a flashattn-gpu-bench built from another commit the same way (before / after a change
+on one GPU, interleaved with everything else).
 
 Measures the device's ceilings first (bf16 GEMM rate, device-to-device copy bandwidth), times
 each config with CUDA events (median of --iters after --warmup), prints a Markdown table and
@@ -83,6 +85,7 @@ def main():
     ap.add_argument("--deterministic", action="store_true", help="ours: deterministic backward")
     ap.add_argument("--ours-sm80", action="store_true",
                     help="also time ours on the sm80 kernels (FLASHATTN_CUDA_FORWARD / _BACKWARD=sm80)")
+    ap.add_argument("--baseline", help="also time this flashattn-gpu-bench (built from another commit)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -102,8 +105,8 @@ def main():
     # meet the GPU in the same thermal and power state (an H100 under sustained attention load sits
     # at its 700 W cap and lowers its clocks; timing all of ours first, then all peers, biased the
     # ratios by up to 15%: bench/gpu/HOPPER_NOTES.md, session 3).
-    def run_ours(env_extra, cases):
-        cmd = [args.ours, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    def run_ours(env_extra, cases, binary=None):
+        cmd = [binary or args.ours, "--warmup", str(args.warmup), "--iters", str(args.iters)]
         if args.bwd:
             cmd += ["--backward"] + (["--deterministic"] if args.deterministic else [])
         for b, s, h, d, c in cases:
@@ -118,18 +121,23 @@ def main():
             res[(r["batch"], r["seqlen"], r["heads"], r["head_dim"], r["causal"])] = r
         return res
 
-    sm80_env = {"FLASHATTN_CUDA_FORWARD": "sm80", "FLASHATTN_CUDA_BACKWARD": "sm80"}
+    # Extra columns of ours: (name, binary, environment).
+    variants = []
+    if args.ours_sm80:
+        variants.append(("sm80", args.ours, {"FLASHATTN_CUDA_FORWARD": "sm80", "FLASHATTN_CUDA_BACKWARD": "sm80"}))
+    if args.baseline:
+        variants.append(("baseline", args.baseline, {}))
     rows = []
     for b, s, h, d, causal in configs:
         ours = run_ours({}, [(b, s, h, d, causal)])
-        ours_sm80 = run_ours(sm80_env, [(b, s, h, d, causal)]) if args.ours_sm80 else None
+        extra = {name: run_ours(env, [(b, s, h, d, causal)], binary) for name, binary, env in variants}
         # (b, s, h, d) memory viewed as (b, h, s, d): the layout flash_attn and ours take natively.
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
         key = (b, s, h, d, causal)
         row = {"batch": b, "seqlen": s, "heads": h, "head_dim": d, "causal": causal,
                "ours_ms": ours[key]["ms"], "kernel": ours[key].get("kernel", "")}
-        if ours_sm80 is not None:
-            row["sm80_ms"] = ours_sm80[key]["ms"]
+        for name, res in extra.items():
+            row[f"{name}_ms"] = res[key]["ms"]
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
                 row[f"{name}_ms"] = sdpa_ms(q, k, v, causal, backend, args.bwd, args.warmup, args.iters)
@@ -137,7 +145,7 @@ def main():
                 row[f"{name}_ms"] = None
                 print(f"{name} failed for {row}: {e}", file=sys.stderr)
         f = flops(b, h, s, d, causal, args.bwd)
-        for name in ("ours", "flash", "cudnn") + (("sm80",) if ours_sm80 is not None else ()):
+        for name in ("ours", "flash", "cudnn") + tuple(extra):
             ms = row[f"{name}_ms"]
             row[f"{name}_tflops"] = f / (ms * 1e-3) / 1e12 if ms else None
         rows.append(row)
@@ -146,7 +154,7 @@ def main():
     def fmt(x, p=0):
         return "—" if x is None else f"{x:.{p}f}"
 
-    sm80 = args.ours_sm80
+    names = [name for name, _, _ in variants]
     lines = [
         f"{'Backward' if args.bwd else 'Forward'}{' (ours deterministic)' if args.deterministic else ''}. "
         f"Device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
@@ -154,8 +162,8 @@ def main():
         f"ours ran: {', '.join(sorted(set(r['kernel'] for r in rows if r['kernel'])))}",
         "",
         "| d | causal | seqlen | batch x heads | ours TFLOP/s | SDPA flash | cuDNN | ours/flash | ours/cuDNN | ours ms |"
-        + (" ours sm80 | ours/sm80 |" if sm80 else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if sm80 else ""),
+        + "".join(f" ours {n} | ours/{n} |" for n in names),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(names),
     ]
     for r in rows:
         rf = r["ours_tflops"] / r["flash_tflops"] if r["flash_tflops"] else None
@@ -164,8 +172,8 @@ def main():
             f"| {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['seqlen']} | {r['batch']}x{r['heads']} | "
             f"{fmt(r['ours_tflops'])} | {fmt(r['flash_tflops'])} | {fmt(r['cudnn_tflops'])} | "
             f"{fmt(rf, 2)} | {fmt(rc, 2)} | {r['ours_ms']:.3f} |")
-        if sm80:
-            line += f" {fmt(r['sm80_tflops'])} | {fmt(r['ours_tflops'] / r['sm80_tflops'], 2)} |"
+        for n in names:
+            line += f" {fmt(r[n + '_tflops'])} | {fmt(r['ours_tflops'] / r[n + '_tflops'], 2)} |"
         lines.append(line)
     table = "\n".join(lines)
     print(table)

@@ -67,11 +67,18 @@ bool may_overlap(const Tensor& a, const Tensor& b) {
   const int64_t byte_delta = static_cast<int64_t>(ra.begin - rb.begin);
   if (!same_layout || byte_delta % size != 0) return true;
 
+  // Dims by decreasing stride; an insertion sort of at most kMaxRank entries (GCC 12's
+  // -Warray-bounds misreads std::sort's unrolled small-range path on a fixed-size array).
+  const int rank = std::clamp(a.rank, 0, Tensor::kMaxRank);
   Dim dims[Tensor::kMaxRank];
-  for (int i = 0; i < a.rank; ++i) dims[i] = {a.stride[i], -(b.shape[i] - 1), a.shape[i] - 1};
-  std::sort(dims, dims + a.rank, [](const Dim& x, const Dim& y) { return x.stride > y.stride; });
+  for (int i = 0; i < rank; ++i) {
+    Dim d{a.stride[i], -(b.shape[i] - 1), a.shape[i] - 1};
+    int at = i;
+    for (; at > 0 && dims[at - 1].stride < d.stride; --at) dims[at] = dims[at - 1];
+    dims[at] = d;
+  }
   // element a[i] sits at b[j] when base_a - base_b + sum (i - j) * stride = 0
-  return representable(dims, a.rank, -byte_delta / size);
+  return representable(dims, rank, -byte_delta / size);
 }
 
 }  // namespace flashattn::core

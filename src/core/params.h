@@ -45,7 +45,6 @@ struct AttnParams {
   float softcap = 0.0f;      // 0 = off
   int64_t window_left = -1;  // causal folded in (window_right = 0)
   int64_t window_right = -1;
-  bool causal = false;       // kept for reporting; the window already says it
   const float* alibi_slopes = nullptr;  // [b * alibi_batch_stride + h]
   int64_t alibi_batch_stride = 0;
 
@@ -66,10 +65,10 @@ struct AttnParams {
     return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k;
   }
   FA_HOST_DEVICE Mask mask(int b) const {
-    return Mask{len_q(b), len_k(b), window_left, window_right};
+    return Mask::make(len_q(b), len_k(b), window_left, window_right);
   }
   FA_HOST_DEVICE ScoreMod score_mod(int b, int h) const {
-    return ScoreMod{softcap, alibi_slopes ? alibi_slopes[b * alibi_batch_stride + h] : 0.0f};
+    return ScoreMod::make(softcap, alibi_slopes ? alibi_slopes[b * alibi_batch_stride + h] : 0.0f);
   }
   // Element offset of (sequence b, row i of it, head h) in a tensor with strides s, where row
   // i is relative to the sequence start.

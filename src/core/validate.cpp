@@ -177,7 +177,6 @@ void check_options(const Options& o, AttnParams& p) {
   if (o.num_threads < 0) throw Error("num_threads", ">= 0 (0 = default)", str(o.num_threads));
   if (o.num_splits < 0) throw Error("num_splits", ">= 0 (0 = heuristic)", str(o.num_splits));
   p.softcap = o.softcap;
-  p.causal = o.causal;
   p.window_left = o.window_left;
   p.window_right = o.causal ? 0 : o.window_right;
   if (o.causal && o.window_right > 0)

@@ -1,7 +1,8 @@
 // Picks the CPU kernels built for the best instruction set this machine has.
-#include <cstdlib>
 #include <cstring>
+#include <string>
 
+#include "core/knobs.h"
 #include "cpu/backend.h"
 #include "cpu/kernels/entry_points.h"
 
@@ -17,13 +18,13 @@ struct Kernels {
 // FLASHATTN_CPU_ISA=generic|avx2|avx512 in the environment caps the choice (for testing
 // every path on one machine); it never raises it above what the CPU supports.
 Kernels select() {
-  const char* cap = std::getenv("FLASHATTN_CPU_ISA");
+  const std::string& cap = knobs().cpu_isa;
   auto allowed = [&](const char* isa) {
-    if (!cap || !*cap) return true;
+    if (cap.empty()) return true;
     static const char* order[] = {"generic", "avx2", "avx512"};
     int want = -1, have = -1;
     for (int i = 0; i < 3; ++i) {
-      if (std::strcmp(cap, order[i]) == 0) want = i;
+      if (cap == order[i]) want = i;
       if (std::strcmp(isa, order[i]) == 0) have = i;
     }
     return want < 0 || have <= want;

@@ -1,12 +1,16 @@
-// The CUDA backend's entry points: checks what only this backend requires, picks the
-// instantiated head dim, and launches on the tensors' device and the caller's stream.
+// The CUDA backend's forward entry point: checks what only this backend requires, picks the
+// kernel family (sm90 where it covers the call, else the sm80 decode or main kernel) and its
+// instantiation from the generated table, and launches on the tensors' device and the caller's
+// stream.
 #include <algorithm>
-#include <cstdint>
-#include <cstdlib>
 #include <string>
 
+#include "core/knobs.h"
 #include "cuda/backend.h"
+#include "cuda/common/call_checks.h"
 #include "cuda/common/check.h"
+#include "cuda/common/kernel_table.h"
+#include "cuda/inst/kernel_table.h"
 #include "cuda/sm80/launch.h"
 #include "flashattn/error.h"
 #if FLASHATTN_CUDA_SM90
@@ -16,118 +20,44 @@
 namespace flashattn::cuda {
 namespace {
 
-// The head dims this build instantiated (CMake knob FLASHATTN_CUDA_HEAD_DIMS), ascending.
-constexpr int kHeadDims[] = {
-#if FLASHATTN_CUDA_HDIM_64
-    64,
-#endif
-#if FLASHATTN_CUDA_HDIM_96
-    96,
-#endif
-#if FLASHATTN_CUDA_HDIM_128
-    128,
-#endif
-#if FLASHATTN_CUDA_HDIM_192
-    192,
-#endif
-#if FLASHATTN_CUDA_HDIM_256
-    256,
-#endif
-    0};  // sentinel
-
-std::string compiled_head_dims() {
-  std::string s;
-  for (int d : kHeadDims)
-    if (d) s += (s.empty() ? "" : ", ") + std::to_string(d);
-  return s.empty() ? "none" : s;
-}
-
-// The kernels move rows in 16-byte chunks: each row of q/k/v/out must start 16-byte aligned.
-void check_rows_aligned(const char* name, const void* data, const Strides& s, int64_t batch, int64_t rows,
-                        int64_t heads) {
-  const auto addr = reinterpret_cast<uintptr_t>(data);
-  auto bad_stride = [](int64_t stride, int64_t size) { return size > 1 && stride % 8 != 0; };
-  if (addr % 16 != 0)
-    throw Error(name, "a 16-byte aligned data pointer on CUDA (rows are moved as 16-byte vectors)",
-                "address " + std::to_string(addr));
-  if (bad_stride(s.batch, batch) || bad_stride(s.row, rows) || bad_stride(s.head, heads))
-    throw Error(name, "batch/row/head strides that are multiples of 8 elements on CUDA (16-byte rows)",
-                "strides (" + std::to_string(s.batch) + ", " + std::to_string(s.row) + ", " +
-                    std::to_string(s.head) + ")");
-}
+using Launch = void (*)(const AttnParams&, int, cudaStream_t);
+#define LAUNCH(hdim, T) &sm80::run_fwd<hdim, T>
+constexpr KernelEntry<Launch> kForward[] = {FLASHATTN_FWD_SM80_KERNELS(FLASHATTN_KERNEL_ENTRY){}};
+#undef LAUNCH
+#define LAUNCH(hdim, T) &sm80::run_decode<hdim, T>
+constexpr KernelEntry<Launch> kDecode[] = {FLASHATTN_DECODE_SM80_KERNELS(FLASHATTN_KERNEL_ENTRY){}};
+#undef LAUNCH
 
 // Decoding (few packed query rows per kv head): the decode kernel, which reads each K/V byte once
 // per kv head. FLASHATTN_CUDA_DECODE=0 sends everything to the main kernel (tests, benchmarks).
 bool use_decode_kernel(const AttnParams& p) {
-  const char* knob = std::getenv("FLASHATTN_CUDA_DECODE");
-  if (knob && knob[0] == '0') return false;
-  return p.seqlen_q * p.group_size() <= sm80::kDecodeMaxPackedRows;
+  return knobs().cuda_decode && p.seqlen_q * p.group_size() <= sm80::kDecodeMaxPackedRows;
 }
 
-template <typename T>
-void run_head_dim(int hdim, bool decode, const AttnParams& p, int device, cudaStream_t stream) {
-  switch (hdim) {
-#if FLASHATTN_CUDA_HDIM_64
-    case 64: return decode ? sm80::run_decode<64, T>(p, device, stream) : sm80::run_fwd<64, T>(p, device, stream);
-#endif
-#if FLASHATTN_CUDA_HDIM_96
-    case 96: return decode ? sm80::run_decode<96, T>(p, device, stream) : sm80::run_fwd<96, T>(p, device, stream);
-#endif
-#if FLASHATTN_CUDA_HDIM_128
-    case 128:
-      return decode ? sm80::run_decode<128, T>(p, device, stream) : sm80::run_fwd<128, T>(p, device, stream);
-#endif
-#if FLASHATTN_CUDA_HDIM_192
-    case 192:
-      return decode ? sm80::run_decode<192, T>(p, device, stream) : sm80::run_fwd<192, T>(p, device, stream);
-#endif
-#if FLASHATTN_CUDA_HDIM_256
-    case 256:
-      return decode ? sm80::run_decode<256, T>(p, device, stream) : sm80::run_fwd<256, T>(p, device, stream);
-#endif
-    default: break;
-  }
-  throw Unsupported("flashattn: internal error: no CUDA forward for head dim " + std::to_string(hdim));
+// The sm80 instantiation for the call (decode kernel or main kernel); throws when the build has
+// none that holds its head dims.
+const KernelEntry<Launch>& sm80_kernel(const AttnParams& p, bool decode) {
+  const int need = std::max(p.head_dim, p.head_dim_v);
+  const KernelEntry<Launch>* e = decode ? find_kernel(kDecode, need, p.dtype) : find_kernel(kForward, need, p.dtype);
+  if (!e)
+    throw Unsupported("flashattn: CUDA forward: head_dim " + std::to_string(need) +
+                      " needs a kernel instantiated for at least that; this build has head dims {" +
+                      head_dims_of(kForward) + "} (CMake knob FLASHATTN_CUDA_HEAD_DIMS)");
+  return *e;
 }
 
 }  // namespace
 
 void forward(const AttnParams& p) {
-  if (p.dtype != DType::bf16 && p.dtype != DType::f16)
-    throw Error("q", "fp16 or bf16 on CUDA", dtype_name(p.dtype));
-  if (p.head_dim % 8 != 0)
-    throw Error("q", "a head_dim that is a multiple of 8 on CUDA (rows move as 16-byte vectors)",
-                std::to_string(p.head_dim));
-  if (p.head_dim_v % 8 != 0)
-    throw Error("v", "a head_dim_v that is a multiple of 8 on CUDA (rows move as 16-byte vectors)",
-                std::to_string(p.head_dim_v));
-  const int64_t batch = p.cu_seqlens_q ? 1 : p.batch;  // varlen tensors have no batch dimension
-  const int64_t rows_q = p.cu_seqlens_q ? p.total_q : p.seqlen_q;
-  const int64_t rows_k = p.cu_seqlens_k ? INT64_MAX : p.seqlen_k;  // total_k unknown here: check all
-  check_rows_aligned("q", p.q, p.q_stride, batch, rows_q, p.heads);
-  check_rows_aligned("k", p.k, p.k_stride, batch, rows_k, p.heads_k);
-  check_rows_aligned("v", p.v, p.v_stride, batch, rows_k, p.heads_k);
-  check_rows_aligned("out", p.out, p.out_stride, batch, rows_q, p.heads);
-
-  // The padded head dim: the smallest instantiated one that holds both q/k and v rows.
-  const int need = std::max(p.head_dim, p.head_dim_v);
-  int hdim = 0;
-  for (int d : kHeadDims)
-    if (d >= need) {
-      hdim = d;
-      break;
-    }
-  if (!hdim)
-    throw Unsupported("flashattn: CUDA forward: head_dim " + std::to_string(need) +
-                      " needs a kernel instantiated for at least that; this build has head dims {" +
-                      compiled_head_dims() + "} (CMake knob FLASHATTN_CUDA_HEAD_DIMS)");
+  check_forward_call(p);
+  const bool decode = use_decode_kernel(p);
+  const KernelEntry<Launch>& sm80 = sm80_kernel(p, decode);
 
   const int device = p.device.index;
   DeviceGuard guard(device);
   require_sm80(device, "the CUDA forward");
   if (p.batch == 0 || p.total_q == 0 || p.seqlen_q == 0) return;
   auto stream = static_cast<cudaStream_t>(p.stream);
-  const bool decode = use_decode_kernel(p);
 #if FLASHATTN_CUDA_SM90
   // Hopper: the sm90a kernel wherever it covers the call (FLASHATTN_CUDA_FORWARD=sm80 opts out),
   // except decoding: a few query rows per kv head fill none of its 64-row warpgroup tiles, and
@@ -135,10 +65,7 @@ void forward(const AttnParams& p) {
   if (!decode)
     if (const sm90::Selection s = sm90::select(p, device); s.use) return sm90::run(p, s, device, stream);
 #endif
-  if (p.dtype == DType::bf16)
-    run_head_dim<__nv_bfloat16>(hdim, decode, p, device, stream);
-  else
-    run_head_dim<__half>(hdim, decode, p, device, stream);
+  sm80.launch(p, device, stream);
 }
 
 std::string forward_kernel(const AttnParams& p) {
@@ -147,12 +74,12 @@ std::string forward_kernel(const AttnParams& p) {
   const bool decode = use_decode_kernel(p);
 #if FLASHATTN_CUDA_SM90
   if (!decode)
-    if (const sm90::Selection s = sm90::select(p, device); s.use) return s.kernel;
+    if (const sm90::Selection s = sm90::select(p, device); s.use) return sm90::kernel_name(p, s);
 #endif
   const int need = std::max(p.head_dim, p.head_dim_v);
-  for (int d : kHeadDims)
-    if (d >= need) return (decode ? "decode_sm80<hdim " : "flash_fwd_sm80<hdim ") + std::to_string(d) + ">";
-  return "none (no CUDA forward instantiated for head dim " + std::to_string(need) + ")";
+  const KernelEntry<Launch>* e = decode ? find_kernel(kDecode, need, p.dtype) : find_kernel(kForward, need, p.dtype);
+  if (!e) return "none (no CUDA forward instantiated for head dim " + std::to_string(need) + ")";
+  return (decode ? "decode_sm80<hdim " : "flash_fwd_sm80<hdim ") + std::to_string(e->head_dim) + ">";
 }
 
 bool available() {

@@ -29,7 +29,7 @@ int64_t rows_k_total(const AttnParams& p) {
 
 // S and P of one (batch, head), row-major [len_q][len_k], with the row statistics.
 struct Probabilities {
-  std::vector<double> scores_raw;  // scale * q.k, before softcap (for the softcap derivative)
+  std::vector<double> dscore;      // d(modified score) / d(scale * q.k): the softcap's derivative
   std::vector<double> p;           // softmax probabilities, 0 where masked
   std::vector<double> lse;         // per row; -inf for a row with no visible key
 };
@@ -40,7 +40,7 @@ Probabilities probabilities(const AttnParams& p, int b, int h) {
   const Mask mask = p.mask(b);
   const ScoreMod mod = p.score_mod(b, h);
   Probabilities r;
-  r.scores_raw.assign(sq * sk, 0.0);
+  r.dscore.assign(sq * sk, 1.0);
   r.p.assign(sq * sk, 0.0);
   r.lse.assign(sq, kNegInf);
   for (int64_t i = 0; i < sq; ++i) {
@@ -51,8 +51,8 @@ Probabilities probabilities(const AttnParams& p, int b, int h) {
       for (int d = 0; d < p.head_dim; ++d)
         dot += double(load_as_float(p.q, p.q_offset(b, i, h) + d, p.dtype)) *
                double(load_as_float(p.k, p.k_offset(b, j, hk) + d, p.dtype));
-      r.scores_raw[i * sk + j] = double(p.scale) * dot;
-      srow[j] = mask.visible(i, j) ? mod.apply(double(p.scale) * dot, i, j, mask) : kNegInf;
+      srow[j] = mask.visible(i, j) ? mod.apply(double(p.scale) * dot, double(mask.distance(i, j)), r.dscore[i * sk + j])
+                                   : kNegInf;
       row_max = std::max(row_max, srow[j]);
     }
     if (row_max == kNegInf) {  // no visible key: zero output, LSE -inf
@@ -145,12 +145,8 @@ BackwardResult backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
             dp += g * double(load_as_float(p.v, p.v_offset(b, j, hk) + d, p.dtype));
             r.dv[(row_k(p, b, j) * p.heads_k + hk) * p.head_dim_v + d] += pij * g;
           }
-          double dscore = pij * (dp - D);  // d loss / d (modified score)
-          if (p.softcap > 0) {             // through softcap * tanh(raw / softcap)
-            const double t = std::tanh(pr.scores_raw[i * sk + j] / p.softcap);
-            dscore *= 1.0 - t * t;
-          }
-          const double g = dscore * p.scale;  // raw score = scale * q.k
+          // d loss / d (modified score), through the score modifier, then raw score = scale * q.k
+          const double g = pij * (dp - D) * pr.dscore[i * sk + j] * p.scale;
           for (int d = 0; d < p.head_dim; ++d) {
             r.dq[(row_q(p, b, i) * p.heads + h) * p.head_dim + d] +=
                 g * double(load_as_float(p.k, p.k_offset(b, j, hk) + d, p.dtype));

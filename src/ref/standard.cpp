@@ -7,7 +7,7 @@
 //
 // S/P and dP/dS are fp32 (batch, heads, seqlen_q, seqlen_k) buffers. For fp16/bf16 inputs every
 // materialised tensor (S, P, O, dP, dS, gradients) is rounded through the input dtype, as
-// eager PyTorch stores them: that makes this the same-precision baseline of DESIGN §5.
+// eager PyTorch stores them: that makes this the same-precision baseline of docs/DESIGN.md §5.
 //
 // Threads: the per-head products run as single-threaded sgemms spread over OpenMP threads when
 // the heads balance over the threads (as ATen's bmm does for many small matrices), else one
@@ -298,7 +298,7 @@ float softmax_row(float* row, int64_t i, const Mask& mask, const ScoreMod& mod, 
   std::fill(row + end, row + sk, 0.0f);
   float* visible = row + begin;
   const int64_t n = end - begin;
-  if (mod.softcap > 0 || mod.alibi_slope != 0)
+  if (mod.active())
     for (int64_t j = 0; j < n; ++j) visible[j] = mod.apply(visible[j], i, begin + j, mask);
   const float max = row_max(visible, n);
   const float sum = exp_and_sum(visible, n, max);
@@ -439,7 +439,7 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
   const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> tanh_row(p.softcap > 0 ? p.seqlen_k : 0);
+    std::vector<float> dscore_row(p.softcap > 0 ? p.seqlen_k : 0);  // the softcap's derivative
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int b = int(r / (int64_t(p.heads) * p.seqlen_q));
@@ -454,12 +454,14 @@ void backward(const Tensor& dout_t, const Tensor& q_t, const Tensor& k_t, const 
       float* dsrow = pr.score_row(ds.get(), b, h, i);
       round_row(prow, p.seqlen_k, p.dtype);
       round_row(dsrow, p.seqlen_k, p.dtype);
-      if (p.softcap > 0)
-        for (int64_t j = 0; j < p.seqlen_k; ++j) tanh_row[j] = std::tanh(prow[j] / p.softcap);
+      if (p.softcap > 0) {
+        const ScoreMod softcap = ScoreMod::make(p.softcap, 0.0f);
+        for (int64_t j = 0; j < p.seqlen_k; ++j) softcap.cap(prow[j], dscore_row[j]);
+      }
       softmax_row(prow, i, p.mask(b), p.score_mod(b, h), p.dtype);
       for (int64_t j = 0; j < p.seqlen_k; ++j) {
         float g = prow[j] * (dsrow[j] - D);
-        if (p.softcap > 0) g *= 1.0f - tanh_row[j] * tanh_row[j];  // through softcap * tanh(raw / softcap)
+        if (p.softcap > 0) g *= dscore_row[j];  // through the softcap
         dsrow[j] = g;
       }
       round_row(dsrow, p.seqlen_k, p.dtype);

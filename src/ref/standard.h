@@ -1,7 +1,7 @@
 // "Standard attention": what a user without FlashAttention runs. It materialises the full
 // S = scale * Q K^T and P = softmax(S) for every (batch, head) at once, like PyTorch eager,
 // does both products with the system BLAS (sgemm), and rounds S, P and O to the input dtype
-// (fp16/bf16), which makes it the same-precision baseline of the DESIGN §5 tolerance rule and
+// (fp16/bf16), which makes it the same-precision baseline of the docs/DESIGN.md §5 tolerance rule and
 // the honest speed/memory comparison for flashattn-bench.
 #pragma once
 

@@ -1,5 +1,5 @@
 // Shared test helpers: guarded host buffers, strided views, seeded random inputs, NaN poison,
-// dense read-back and the DESIGN §5 tolerance checks.
+// dense read-back and the docs/DESIGN.md §5 tolerance checks.
 //
 // Every check compares against the fp64 oracle (ref::forward / ref::backward):
 //   fp32:      max|ours - ref| / max|ref| <= 1e-5
@@ -17,10 +17,27 @@
 #include <string>
 #include <vector>
 
+#include "core/knobs.h"
 #include "flashattn/flashattn.h"
 #include "ref/reference.h"
 
 namespace fa_test {
+
+// Changes the library's knobs (core/knobs.h: read from the environment once per process) for its
+// lifetime, so a test can steer the dispatch in-process: ScopedKnobs k([](flashattn::Knobs& k) {...}).
+class ScopedKnobs {
+ public:
+  template <typename Change>
+  explicit ScopedKnobs(Change&& change) : saved_(flashattn::knobs_for_testing()) {
+    change(flashattn::knobs_for_testing());
+  }
+  ~ScopedKnobs() { flashattn::knobs_for_testing() = saved_; }
+  ScopedKnobs(const ScopedKnobs&) = delete;
+  ScopedKnobs& operator=(const ScopedKnobs&) = delete;
+
+ private:
+  flashattn::Knobs saved_;
+};
 
 namespace ref = flashattn::ref;
 
@@ -32,7 +49,7 @@ using flashattn::Tensor;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // ---- tolerances ----------------------------------------------------------------------------
-// fp32 on the CPU: relative error against the fp64 oracle (DESIGN §5).
+// fp32 on the CPU: relative error against the fp64 oracle (docs/DESIGN.md §5).
 constexpr double kFp32RelTol = 1e-5;
 // fp16/bf16: atol = kAtolRel * max|ref|. Storing a result in the dtype alone costs up to half an
 // ulp, i.e. 2^-11 * |x| (fp16) or 2^-8 * |x| (bf16); the baseline can be exact where ours still

@@ -1,4 +1,4 @@
-// flashattn::backward on the CPU: dQ, dK, dV against the fp64 oracle's backward (DESIGN §5 rule,
+// flashattn::backward on the CPU: dQ, dK, dV against the fp64 oracle's backward (docs/DESIGN.md §5 rule,
 // every dtype, shape grid, GQA, options, layouts), and directly against central differences of
 // L = sum(O * G) on tiny fp32 problems.
 #include "common/testing.h"

@@ -86,7 +86,7 @@ TEST_P(Determinism, BackwardIsBitwiseRepeatablePerThreadCount) {
   EXPECT_TRUE(close("dQ", c0.dtype, to_dense(p.dq), &base.dq, ref.dq));
   EXPECT_TRUE(close("dK", c0.dtype, to_dense(p.dk), &base.dk, ref.dk));
   EXPECT_TRUE(close("dV", c0.dtype, to_dense(p.dv), &base.dv, ref.dv));
-  // Across thread counts bitwise equality is not promised (DESIGN: "run to run"); recorded only.
+  // Across thread counts bitwise equality is not promised (docs/DESIGN.md §5: "run to run"); recorded only.
   int same = 0;
   for (const auto& b : per_threads) same += same_bytes(b, per_threads.front());
   RecordProperty("thread_counts_bitwise_equal_to_1_thread", same);

@@ -1,4 +1,4 @@
-// flashattn::forward on the CPU against the fp64 oracle (DESIGN §5): O and LSE, every dtype,
+// flashattn::forward on the CPU against the fp64 oracle (docs/DESIGN.md §5): O and LSE, every dtype,
 // the awkward shape grid, GQA, every option, strided layouts, fully masked rows.
 #include "common/testing.h"
 

@@ -1,7 +1,7 @@
 // The oracle itself: every other test trusts it, so it is checked against things it does not share
 // code with.
 //   - its fp16/bf16 input reading (core/half.h) against the compiler's _Float16 and exact bf16;
-//   - its forward against a naive implementation of DESIGN §2 written here from the spec (mask
+//   - its forward against a naive implementation of docs/DESIGN.md §2 written here from the spec (mask
 //     bounds, softcap, ALiBi, scale, GQA), not from core/mask.h;
 //   - its backward against central differences of L = sum(O * G) through its own forward;
 //   - varlen against the same sequences run one at a time.
@@ -52,13 +52,13 @@ TEST(Reference, HalfConversionsRoundToNearestEven) {
   EXPECT_TRUE(std::isnan(flashattn::bf16_to_float(flashattn::float_to_bf16(std::nanf("")))));
 }
 
-// ---- the forward against DESIGN §2, implemented independently -----------------------------------
+// ---- the forward against docs/DESIGN.md §2, implemented independently -----------------------------------
 
 struct Naive {
   std::vector<double> out, lse;
 };
 
-// Straight from DESIGN §2: query i sees key j iff (wl < 0 or j >= i + sk - sq - wl) and
+// Straight from docs/DESIGN.md §2: query i sees key j iff (wl < 0 or j >= i + sk - sq - wl) and
 // (wr < 0 or j <= i + sk - sq + wr), causal = wr 0; score = scale q.k, then softcap
 // c tanh(s / c), then - slope |i + sk - sq - j|; rows with no key: O = 0, LSE = -inf.
 Naive naive_forward(const Problem& p) {

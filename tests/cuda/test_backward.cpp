@@ -1,6 +1,6 @@
 // GPU tests of the CUDA backward: flashattn::backward / backward_varlen on device tensors, after
 // our CUDA forward on the same inputs, checked against the fp64 oracle (ref::backward) on host
-// copies with the DESIGN §5 rule for each of dQ, dK, dV (tests/common/testing.h, `close`):
+// copies with the docs/DESIGN.md §5 rule for each of dQ, dK, dV (tests/common/testing.h, `close`):
 //   max|ours - ref| <= 2 * max|base - ref| + atol_rel * max|ref|
 // where base = the standard attention forward + backward in the input dtype (flashattn::standard,
 // CPU), atol_rel = 1e-2 (bf16) / 1e-3 (fp16).
@@ -171,28 +171,19 @@ struct Case {
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
 
-// Sets FLASHATTN_CUDA_SMALL_TILES (and, since those are the sm80 kernel's tiles,
-// FLASHATTN_CUDA_BACKWARD=sm80) for its lifetime.
+// The sm80 kernel's small tiles (FLASHATTN_CUDA_SMALL_TILES) on the sm80 kernel
+// (FLASHATTN_CUDA_BACKWARD=sm80) for its lifetime, when on.
 class SmallTiles {
  public:
-  explicit SmallTiles(bool on) : on_(on) {
-    if (!on_) return;
-    setenv("FLASHATTN_CUDA_SMALL_TILES", "1", 1);
-    if (const char* old = std::getenv("FLASHATTN_CUDA_BACKWARD")) old_backward_ = old;
-    setenv("FLASHATTN_CUDA_BACKWARD", "sm80", 1);
-  }
-  ~SmallTiles() {
-    if (!on_) return;
-    unsetenv("FLASHATTN_CUDA_SMALL_TILES");
-    if (old_backward_)
-      setenv("FLASHATTN_CUDA_BACKWARD", old_backward_->c_str(), 1);
-    else
-      unsetenv("FLASHATTN_CUDA_BACKWARD");
-  }
+  explicit SmallTiles(bool on)
+      : knobs_([on](flashattn::Knobs& k) {
+          if (!on) return;
+          k.cuda_small_tiles = true;
+          k.cuda_backward = flashattn::KernelChoice::kSm80;
+        }) {}
 
  private:
-  bool on_;
-  std::optional<std::string> old_backward_;
+  ScopedKnobs knobs_;
 };
 
 // Inputs on the device and the host, our forward's out/lse on the device, and the gradients of
@@ -885,17 +876,11 @@ bool expect_sm90_backward() {
 TEST(CudaBackwardDispatch, Sm90TakesCoveredCallsOnHopper) {
   SKIP_WITHOUT_GPU();
   if (!expect_sm90_backward()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
-  auto kernel_of = [](const Case& c, const char* force) {
+  auto kernel_of = [](const Case& c, flashattn::KernelChoice force) {
     BwdProblem prob(c);
     EXPECT_TRUE(prob.setup());
-    const char* old = std::getenv("FLASHATTN_CUDA_BACKWARD");
-    const std::optional<std::string> saved = old ? std::optional<std::string>(old) : std::nullopt;
-    setenv("FLASHATTN_CUDA_BACKWARD", force, 1);
+    ScopedKnobs knobs([force](flashattn::Knobs& k) { k.cuda_backward = force; });
     EXPECT_TRUE(prob.backward(c.deterministic));
-    if (saved)
-      setenv("FLASHATTN_CUDA_BACKWARD", saved->c_str(), 1);
-    else
-      unsetenv("FLASHATTN_CUDA_BACKWARD");
     return prob.kernel;
   };
   auto starts_with = [](const std::string& s, const char* p) { return s.rfind(p, 0) == 0; };
@@ -909,9 +894,9 @@ TEST(CudaBackwardDispatch, Sm90TakesCoveredCallsOnHopper) {
       c.d = d;
       c.causal = causal;
       c.dtype = causal ? DType::f16 : DType::bf16;
-      const std::string k = kernel_of(c, "auto");
+      const std::string k = kernel_of(c, flashattn::KernelChoice::kAuto);
       EXPECT_TRUE(starts_with(k, "flash_bwd_sm90")) << "d " << d << (causal ? " causal" : "") << ": " << k;
-      const std::string k80 = kernel_of(c, "sm80");
+      const std::string k80 = kernel_of(c, flashattn::KernelChoice::kSm80);
       EXPECT_TRUE(starts_with(k80, "flash_bwd_sm80")) << "FLASHATTN_CUDA_BACKWARD=sm80 must pick sm80: " << k80;
     }
   // The deterministic mode and softcap / ALiBi run on sm90 too; head dims above 128 do not (yet).
@@ -923,8 +908,8 @@ TEST(CudaBackwardDispatch, Sm90TakesCoveredCallsOnHopper) {
   alibi.alibi = Slopes::heads;
   wide.d = 192;
   for (const Case& u : {det, softcap, alibi})
-    EXPECT_TRUE(starts_with(kernel_of(u, "auto"), "flash_bwd_sm90")) << kernel_of(u, "auto");
-  EXPECT_TRUE(starts_with(kernel_of(wide, "auto"), "flash_bwd_sm80")) << kernel_of(wide, "auto");
+    EXPECT_TRUE(starts_with(kernel_of(u, flashattn::KernelChoice::kAuto), "flash_bwd_sm90")) << kernel_of(u, flashattn::KernelChoice::kAuto);
+  EXPECT_TRUE(starts_with(kernel_of(wide, flashattn::KernelChoice::kAuto), "flash_bwd_sm80")) << kernel_of(wide, flashattn::KernelChoice::kAuto);
 }
 
 // ---- deterministic mode -------------------------------------------------------------------------

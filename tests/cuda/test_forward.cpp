@@ -1,5 +1,5 @@
 // GPU tests of the CUDA backend: flashattn::forward / forward_varlen / merge on device tensors,
-// checked against the fp64 oracle (ref::forward) on host copies with the DESIGN §5 rule
+// checked against the fp64 oracle (ref::forward) on host copies with the docs/DESIGN.md §5 rule
 //   max|ours - ref| <= 2 * max|base - ref| + atol_rel * max|ref|
 // where base = the standard attention (flashattn::standard, materialised S/P rounded to the
 // input dtype) on the CPU, and atol_rel = 1e-2 (bf16) / 1e-3 (fp16): the rounding of the stored
@@ -27,7 +27,9 @@
 #include <string>
 #include <vector>
 
+#include "common/testing.h"
 #include "core/half.h"
+#include "core/knobs.h"
 #include "core/validate.h"
 #include "cuda/backend.h"
 #include "cuda/split_kv.h"
@@ -72,30 +74,9 @@ bool expect_sm90() {
 #endif
 }
 
-// Sets an environment variable for the lifetime of the guard (empty value: leaves it alone).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    if (value.empty()) return;
-    if (const char* old = std::getenv(name)) old_ = old;
-    setenv(name, value.c_str(), 1);
-    set_ = true;
-  }
-  ~ScopedEnv() {
-    if (!set_) return;
-    if (old_)
-      setenv(name_, old_->c_str(), 1);
-    else
-      unsetenv(name_);
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-  bool set_ = false;
-};
+using fa_test::ScopedKnobs;
+using flashattn::KernelChoice;
+using flashattn::Knobs;
 
 uint64_t seed_for(const std::string& name) {
   uint64_t h = 1469598103934665603ull;
@@ -301,7 +282,7 @@ struct Case {
   bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
   int num_splits = 0;        // options.num_splits: 0 = heuristic, 1 = never split, N = N key splits
   bool decode_kernel = true; // false: FLASHATTN_CUDA_DECODE=0, decode shapes go to the main kernel
-  std::string force;         // FLASHATTN_CUDA_FORWARD for this case ("sm80"; empty: the dispatch picks)
+  KernelChoice force = KernelChoice::kAuto;  // FLASHATTN_CUDA_FORWARD for this case
   int sm90_ctas = 0;         // FLASHATTN_SM90_MAX_CTAS: a small persistent grid, many tiles per CTA
   Layout layout = Layout::dense;
   std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
@@ -421,10 +402,12 @@ class ForwardRun {
     }
     std::string kernel;
     {
-      ScopedEnv small_tiles("FLASHATTN_CUDA_SMALL_TILES", c.small_tiles ? "1" : "");
-      ScopedEnv force("FLASHATTN_CUDA_FORWARD", c.force);
-      ScopedEnv ctas("FLASHATTN_SM90_MAX_CTAS", c.sm90_ctas > 0 ? std::to_string(c.sm90_ctas) : "");
-      ScopedEnv decode("FLASHATTN_CUDA_DECODE", c.decode_kernel ? "" : "0");
+      ScopedKnobs knobs([&](Knobs& k) {
+        if (c.small_tiles) k.cuda_small_tiles = true;
+        if (c.force != KernelChoice::kAuto) k.cuda_forward = c.force;
+        if (c.sm90_ctas > 0) k.sm90_max_ctas = c.sm90_ctas;
+        if (!c.decode_kernel) k.cuda_decode = false;
+      });
       try {
         kernel = flashattn::cuda::forward_kernel(
             flashattn::core::check_forward(tq, tk, tv, to, tl, opt, varlen ? &vl : nullptr));
@@ -658,7 +641,7 @@ std::vector<Case> cases() {
     c.heads_k = 1;
     c.causal = causal;
     c.small_tiles = true;
-    c.force = "sm80";  // the tiles are the sm80 kernel's
+    c.force = KernelChoice::kSm80;  // the tiles are the sm80 kernel's
     c.dtype = causal ? DType::f16 : DType::bf16;
     c.name = std::string("d256_sm80_tiles") + (causal ? "_causal" : "");
     v.push_back(c);
@@ -1195,7 +1178,7 @@ bool starts_with(const std::string& s, const char* prefix) { return s.rfind(pref
 TEST(CudaDispatch, Sm90RunsEveryCoveredCaseOnHopper) {
   SKIP_WITHOUT_GPU();
   if (!expect_sm90()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
-  ScopedEnv automatic("FLASHATTN_CUDA_FORWARD", "auto");  // also when the whole run forces sm80
+  ScopedKnobs automatic([](Knobs& k) { k.cuda_forward = KernelChoice::kAuto; });  // also when the run forces sm80
   for (int d : {32, 64, 96, 128})
     for (DType t : {DType::bf16, DType::f16})
       for (bool causal : {false, true}) {
@@ -1204,7 +1187,7 @@ TEST(CudaDispatch, Sm90RunsEveryCoveredCaseOnHopper) {
         opt.causal = causal;
         const std::string k = prob.kernel(opt);
         EXPECT_TRUE(starts_with(k, "flash_fwd_sm90")) << "d " << d << (causal ? " causal" : "") << ": " << k;
-        ScopedEnv force("FLASHATTN_CUDA_FORWARD", "sm80");
+        ScopedKnobs force([](Knobs& k) { k.cuda_forward = KernelChoice::kSm80; });
         const std::string k80 = prob.kernel(opt);
         EXPECT_TRUE(starts_with(k80, "flash_fwd_sm80")) << "FLASHATTN_CUDA_FORWARD=sm80 must pick sm80: " << k80;
       }
@@ -1220,14 +1203,16 @@ TEST(CudaDispatch, Sm90RunsEveryCoveredCaseOnHopper) {
 TEST(CudaDispatch, Sm90D64CausalShortTakesTheNarrowTile) {
   SKIP_WITHOUT_GPU();
   if (!expect_sm90()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
-  ScopedEnv automatic("FLASHATTN_CUDA_FORWARD", "auto");
-  ScopedEnv unforced("FLASHATTN_SM90_NARROW", "auto");
+  ScopedKnobs automatic([](Knobs& k) {
+    k.cuda_forward = KernelChoice::kAuto;
+    k.sm90_narrow = flashattn::Override::kAuto;
+  });
   DispatchProblem prob(64, DType::bf16, 4, 2);
   Options causal;
   causal.causal = true;
   EXPECT_NE(prob.kernel(causal).find("128x128, 2+1 warpgroups"), std::string::npos) << prob.kernel(causal);
   EXPECT_NE(prob.kernel(Options{}).find("192x128, 3+1 warpgroups"), std::string::npos) << prob.kernel(Options{});
-  ScopedEnv wide("FLASHATTN_SM90_NARROW", "0");
+  ScopedKnobs wide([](Knobs& k) { k.sm90_narrow = flashattn::Override::kOff; });
   EXPECT_NE(prob.kernel(causal).find("192x128, 3+1 warpgroups"), std::string::npos) << prob.kernel(causal);
 }
 
@@ -1263,7 +1248,7 @@ TEST(CudaDispatch, ForcedSm90SaysWhyItCannotRun) {
   DispatchProblem prob(64, DType::bf16, 4, 4);
   Options softcap;
   softcap.softcap = 10.0f;
-  ScopedEnv force("FLASHATTN_CUDA_FORWARD", "sm90");
+  ScopedKnobs force([](Knobs& k) { k.cuda_forward = KernelChoice::kSm90; });
   try {
     prob.kernel(softcap);
     FAIL() << "expected flashattn::Unsupported";
@@ -1272,16 +1257,6 @@ TEST(CudaDispatch, ForcedSm90SaysWhyItCannotRun) {
   }
 }
 
-TEST(CudaDispatch, UnknownOverrideIsAnError) {
-  SKIP_WITHOUT_GPU();
-#if FLASHATTN_TEST_HAVE_SM90
-  DispatchProblem prob(64, DType::bf16, 4, 4);
-  ScopedEnv force("FLASHATTN_CUDA_FORWARD", "sm75");
-  EXPECT_THROW(prob.kernel(Options{}), flashattn::Unsupported);
-#else
-  GTEST_SKIP() << "a build without the 90a arch reads no FLASHATTN_CUDA_FORWARD";
-#endif
-}
 
 // ---- no LSE wanted -----------------------------------------------------------------------------------
 // A default Tensor{} as lse: the same output bits as with an LSE, on every kernel family (sm90 where

@@ -1,5 +1,5 @@
 """The fp64 oracle for the Python tests: softmax(scale * Q K^T (+ softcap, alibi) + mask) V, written
-out plainly in numpy, with DESIGN §2's bottom-right aligned causal/window rule."""
+out plainly in numpy, with docs/DESIGN.md §2's bottom-right aligned causal/window rule."""
 
 import numpy as np
 

@@ -13,7 +13,7 @@ def randn(*shape, dtype=np.float32):
     return rng.standard_normal(shape).astype(dtype)
 
 
-# fp32 on the CPU: relative error <= 1e-5 (DESIGN §5); fp16 outputs carry their own rounding.
+# fp32 on the CPU: relative error <= 1e-5 (docs/DESIGN.md §5); fp16 outputs carry their own rounding.
 TOL = {np.float32: 2e-5, np.float16: 4e-3}
 
 

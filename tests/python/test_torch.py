@@ -69,7 +69,7 @@ def max_err(x, ref):
 
 
 def assert_close(ours, ref, base, atol):
-    # DESIGN §5: within twice the error of the standard attention in the same dtype, plus atol.
+    # docs/DESIGN.md §5: within twice the error of the standard attention in the same dtype, plus atol.
     assert max_err(ours, ref) <= 2 * max_err(base, ref) + atol, (max_err(ours, ref), max_err(base, ref))
 
 

@@ -1,5 +1,5 @@
 """flash_attn_func and flash_attn_varlen_func on torch tensors against torch SDPA in fp32 (fp64 for fp32
-inputs) over DESIGN §5's awkward shapes: forward and gradients, CPU and (where built) CUDA."""
+inputs) over docs/DESIGN.md §5's awkward shapes: forward and gradients, CPU and (where built) CUDA."""
 
 import pytest
 

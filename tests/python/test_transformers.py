@@ -1,6 +1,6 @@
 """flashattn as a transformers attention implementation: a small Llama-style and GPT-2-style model from a
 config with random weights (no downloads). Logits and one training step's gradients against the eager
-implementation: fp32 on the CPU, bf16 on CUDA (DESIGN §5: within twice the bf16 eager model's error
+implementation: fp32 on the CPU, bf16 on CUDA (docs/DESIGN.md §5: within twice the bf16 eager model's error
 against the fp32 eager model, plus atol)."""
 
 import copy

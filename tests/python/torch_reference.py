@@ -1,4 +1,4 @@
-"""torch-side oracles for the Python tests (DESIGN §5):
+"""torch-side oracles for the Python tests (docs/DESIGN.md §5):
 
 - oracle(): torch SDPA in fp32 (fp64 when the inputs are fp32, i.e. on the CPU) with an explicit
   boolean mask built from flash_attn's bottom-right rule, on flash_attn's (batch, seqlen, heads, d) layout;
@@ -29,7 +29,7 @@ def oracle_dtype(dtype):
 
 
 def visible(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None):
-    """(seqlen_q, seqlen_k) bool: query i sees key j (bottom-right aligned, DESIGN §2)."""
+    """(seqlen_q, seqlen_k) bool: query i sees key j (bottom-right aligned, docs/DESIGN.md §2)."""
     left, right = window
     if causal:
         right = 0
@@ -56,7 +56,7 @@ def oracle(q, k, v, softmax_scale=None, causal=False, window=(-1, -1)):
 
 
 def standard(q, k, v, softmax_scale=None, causal=False, window=(-1, -1)):
-    """The textbook attention in the input dtype (the baseline of DESIGN §5)."""
+    """The textbook attention in the input dtype (the baseline of docs/DESIGN.md §5)."""
     h, hk, d = q.shape[2], k.shape[2], q.shape[3]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     k, v = k.repeat_interleave(h // hk, dim=2), v.repeat_interleave(h // hk, dim=2)

@@ -197,7 +197,7 @@ void prepare_head(const BwdParams& p, const Geometry& g, int b, int h, int64_t r
                   Workspace& ws) {
   const int64_t len_q = p.len_q(b);
   const ScoreMod mod = p.score_mod(b, h);
-  const bool has_mod = mod.softcap > 0 || mod.alibi_slope != 0;
+  const bool has_mod = mod.active();
   // Scores come out in the log2 domain directly when no score modifier needs them at the
   // natural scale first (forward.cpp's convention, so P is recomputed the way it was made).
   const float q_scale = has_mod ? p.scale : p.scale * kLog2e;
@@ -241,17 +241,11 @@ void scores_to_grads(const BwdParams& p, const ScoreMod& mod, const Mask& mask, 
       vfloat x = load(s + i);
       vfloat ds_scale = scale;
       if constexpr (kMod) {
-        if (mod.softcap > 0) {
-          const vfloat t = tanh(x * (1.0f / mod.softcap));
-          x = mod.softcap * t;
-          ds_scale = scale * (1.0f - t * t);  // d(c tanh(x / c)) / dx
-        }
-        if (mod.alibi_slope != 0) {
-          // |diagonal(i) - key| exactly as ScoreMod (and forward.cpp) form it
-          const vint dist = lane_index + int32_t(mask.diagonal(i0 + i) - key);
-          const vint abs_dist = dist < 0 ? -dist : dist;
-          x -= mod.alibi_slope * __builtin_convertvector(abs_dist, vfloat);
-        }
+        // Mask::distance of each lane's (row, key), as a vector.
+        const vint dist = lane_index + int32_t(mask.diagonal(i0 + i) - key);
+        vfloat dscore;
+        x = mod.apply(x, __builtin_convertvector(dist < 0 ? -dist : dist, vfloat), dscore);
+        ds_scale = scale * dscore;
         x *= kLog2e;
       }
       vfloat pr = exp2(x - load(lse2 + i));
@@ -285,7 +279,7 @@ void block_pair(const BwdParams& p, const Geometry& g, const Mask& mask, const S
   gemm(cols, rows_pad, g.dv, StridedA{v_j, g.dv_pad, 1}, &ws.dout_t[ib * g.dv * kBwdBlockM + col], kBwdBlockM,
        ws.dp.data(), rows_pad, false);
 
-  const bool has_mod = mod.softcap > 0 || mod.alibi_slope != 0;
+  const bool has_mod = mod.active();
   const bool need_mask = !mask.block_fully_visible(i0, i0 + rows, c0, c0 + cols);
   if (has_mod) {
     if (need_mask)
@@ -431,7 +425,7 @@ void split_keys(const BwdParams& p, int chunks, Geometry& g) {
   g.chunk_begin[0] = 0;
   std::vector<double> cost;  // per key block
   if (g.chunks > 1) {
-    const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+    const Mask mask = Mask::make(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
     cost.resize(blocks);
     double total = 0;
     for (int64_t kb = 0; kb < blocks; ++kb) {

@@ -78,7 +78,7 @@ void attend(const AttnParams& p, int b, const Rows& rows, int64_t lo, int64_t hi
   const int d = p.head_dim, dv = p.head_dim_v, d_vec = d / kLanes * kLanes;
   const size_t esize = dtype_size(p.dtype);
   const Mask mask = p.mask(b);
-  const bool has_mod = p.softcap > 0 || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0 || p.alibi_slopes != nullptr;  // some head has a ScoreMod
   const bool k_direct = p.dtype == DType::f32;
   const bool v_direct = p.dtype == DType::f32 && dv % kLanes == 0;
   const char* k_base = static_cast<const char*>(p.k);
@@ -128,15 +128,7 @@ void attend(const AttnParams& p, int b, const Rows& rows, int64_t lo, int64_t hi
       const int64_t query = rows.query(r);
       if (has_mod) {
         const ScoreMod mod = p.score_mod(b, rows.head(r));
-        for (int j = 0; j < cols; ++j) {
-          float x = s[j];
-          if (p.softcap > 0) x = p.softcap * std::tanh(x / p.softcap);
-          if (p.alibi_slopes) {
-            const int64_t dist = mask.diagonal(query) - (c0 + j);
-            x -= mod.alibi_slope * float(dist < 0 ? -dist : dist);
-          }
-          s[j] = x * kLog2e;
-        }
+        for (int j = 0; j < cols; ++j) s[j] = mod.apply(s[j], query, c0 + j, mask) * kLog2e;
       }
       const int64_t visible_lo = std::clamp<int64_t>(mask.key_begin(query) - c0, 0, cols);
       const int64_t visible_hi = std::clamp<int64_t>(mask.key_end(query) - c0, visible_lo, cols);

@@ -152,22 +152,20 @@ const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int col
   return ws.v.data();
 }
 
-// softcap, ALiBi (natural-log domain), then the move to the log2 domain. The ALiBi slope
-// belongs to each row's head.
+// ScoreMod (softcap, ALiBi; natural-log domain), then the move to the log2 domain. The softcap
+// is vectorised over the rows; the ALiBi slope belongs to each row's head, so its bias goes lane
+// by lane.
 void apply_score_mod(const AttnParams& p, const Task& t, const Mask& mask, int64_t c0, int cols,
                      int rows_pad, Workspace& ws) {
-  const float softcap = p.softcap;
+  const ScoreMod softcap = ScoreMod::make(p.softcap, 0.0f);
   for (int j = 0; j < cols; ++j) {
     float* s = &ws.s_t[int64_t(j) * rows_pad];
     for (int i = 0; i < rows_pad; i += kLanes) {
       vfloat x = load(s + i);
-      if (softcap > 0) x = softcap * tanh(x * (1.0f / softcap));
-      if (p.alibi_slopes) {
-        for (int lane = 0; lane < kLanes && i + lane < t.rows; ++lane) {
-          const int64_t dist = mask.diagonal(t.query(i + lane)) - (c0 + j);
-          x[lane] -= p.score_mod(t.b, t.head(i + lane)).alibi_slope * float(dist < 0 ? -dist : dist);
-        }
-      }
+      if (softcap.active()) x = softcap.cap(x);
+      if (p.alibi_slopes)
+        for (int lane = 0; lane < kLanes && i + lane < t.rows; ++lane)
+          x[lane] += p.score_mod(t.b, t.head(i + lane)).bias(float(mask.distance(t.query(i + lane), c0 + j)));
       store(s + i, x * kLog2e);
     }
   }

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "core/half.h"
+#include "core/mask.h"
 #include "cpu/kernels/isa.h"
 
 #if defined(FLASHATTN_CPU_ISA_avx512) || defined(FLASHATTN_CPU_ISA_avx2)
@@ -171,3 +172,11 @@ inline void from_float(const float* src, float scale, int n, DType t, void* dst)
 }
 
 }  // namespace flashattn::cpu::FLASHATTN_CPU_ISA
+
+// core/mask.h's ScoreMod on SIMD vectors: the vector tanh above, and a broadcast.
+template <>
+struct flashattn::ScoreMath<flashattn::cpu::FLASHATTN_CPU_ISA::vfloat> {
+  using vfloat = cpu::FLASHATTN_CPU_ISA::vfloat;
+  static vfloat tanh(vfloat x) { return cpu::FLASHATTN_CPU_ISA::tanh(x); }
+  static vfloat splat(float x) { return cpu::FLASHATTN_CPU_ISA::splat(x); }
+};

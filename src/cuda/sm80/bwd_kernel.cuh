@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
   const int64_t n0 = int64_t(n_block) * kBlockN;
   if (n0 >= len_k) return;  // varlen: this sequence is shorter than the longest one
   const int64_t keys = len_k - n0 < kBlockN ? len_k - n0 : kBlockN;  // valid keys of this block
-  const Mask mask = p.mask(b);
+  // The mask in int arithmetic (seqlen_q + seqlen_k < 2^31 on CUDA).
+  const Mask32 mask = Mask32::make(len_q, len_k, p.window_left, p.window_right);
 
   // Query rows that see a key of [n0, n0 + keys): both bounds of a row's key range are monotone
   // in the row, so they form one range; whole query blocks around it.
@@ -234,14 +235,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
   const uint32_t k_bt = ptx::smem_addr(smem_k + dq_col0 + rows_lane);                // dQ: B = K
   constexpr uint32_t kStageBytes = Tr::kSmemQ * sizeof(T);
 
-  // Score transform constants, as in the forward. Window bounds beyond len_q + len_k act as
-  // unbounded; clamped so the int arithmetic below cannot overflow (seqlen_q + seqlen_k < 2^31).
-  const int len_k_int = int(len_k);
-  const int wl = p.window_left < 0 ? -1 : int(p.window_left < len_q + len_k ? p.window_left : len_q + len_k);
-  const int wr = p.window_right < 0 ? -1 : int(p.window_right < len_q + len_k ? p.window_right : len_q + len_k);
-  const float softcap = kScoreMod ? p.softcap : 0.0f;
-  const float inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
-
   float acc_dk[Tr::kKvMTiles][Tr::kKvNTiles][4];
   float acc_dv[Tr::kKvMTiles][Tr::kKvNTiles][4];
 #pragma unroll
@@ -299,9 +292,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
 
     // P and dS, elementwise; then both to smem in the input dtype. Thread rows: (m tile mt,
     // half hh) is block row sdp_row0 + 16 mt + 8 hh + g; columns sdp_col0 + 8 nt + 2 t + {0, 1}.
-    const bool need_mask = !mask.block_fully_visible(m0, m0 + rows, n0, n0 + kBlockN);
-    const int diag0 = int(mask.diagonal(m0 + sdp_row0 + g));
-    const float alibi_slope = kScoreMod && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+    const bool need_mask = !mask.block_fully_visible(int(m0), int(m0 + rows), int(n0), int(n0) + kBlockN);
+    const int row0 = int(m0) + sdp_row0 + g;
+    const ScoreMod mod = kScoreMod ? p.score_mod(b, h) : ScoreMod{};
 #pragma unroll
     for (int mt = 0; mt < Tr::kSdpMTiles; ++mt)
 #pragma unroll
@@ -309,10 +302,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
         const int r = sdp_row0 + mt * 16 + hh * 8 + g;
         const float lse2 = smem_lse2[stage * kBlockM + r];  // +inf: the row sees no key (P = 0)
         const float delta = smem_delta[stage * kBlockM + r];
-        // Visible keys [begin, end) of this row relative to n0, as in Mask::key_begin/key_end.
-        const int diag = diag0 + mt * 16 + hh * 8;
-        const int begin = (wl < 0 ? 0 : max(diag - wl, 0)) - int(n0);
-        const int end = (wr < 0 ? len_k_int : min(max(diag + wr + 1, 0), len_k_int)) - int(n0);
+        // Visible keys [begin, end) of this row relative to n0.
+        const int row = row0 + mt * 16 + hh * 8;
+        const int begin = mask.key_begin(row) - int(n0);
+        const int end = mask.key_end(row) - int(n0);
 #pragma unroll
         for (int nt = 0; nt < Tr::kSdpNTiles; ++nt) {
           float pr[2], ds[2];
@@ -323,17 +316,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
             float dscore = 1.0f;  // d(transformed score) / d(scale * q.k)
             float x2;             // the score in the log2 domain
             if constexpr (kScoreMod) {
-              float x = x_raw * p.scale;
-              if (softcap > 0) {
-                const float th = tanhf(x * inv_softcap);
-                x = softcap * th;
-                dscore = 1.0f - th * th;
-              }
-              if (alibi_slope != 0) {
-                const int dist = diag - (int(n0) + c);
-                x -= alibi_slope * float(dist < 0 ? -dist : dist);
-              }
-              x2 = x * detail::kLog2e;
+              x2 = mod.apply(x_raw * p.scale, float(mask.distance(row, int(n0) + c)), dscore) * detail::kLog2e;
             } else {
               x2 = x_raw * args.scale_log2;
             }

@@ -10,6 +10,7 @@
 #include <string>
 #include <type_traits>
 
+#include "core/knobs.h"
 #include "cuda/common/check.h"
 #include "cuda/common/stream_workspace.h"
 #include "cuda/sm80/bwd_kernel.cuh"
@@ -86,8 +87,7 @@ void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
   if constexpr (bwd_tile(kHeadDim, true) != bwd_tile(kHeadDim, false)) {
     using Large = BwdTraits<kHeadDim, T, bwd_tile(kHeadDim, true)>;
     // FLASHATTN_CUDA_SMALL_TILES=1 forces the sm80 tiles (lets an sm90 test run them too).
-    const char* force_small = std::getenv("FLASHATTN_CUDA_SMALL_TILES");
-    if (!(force_small && force_small[0] == '1') && max_smem_per_block(device) >= Large::kSmemBytes)
+    if (!knobs().cuda_small_tiles && max_smem_per_block(device) >= Large::kSmemBytes)
       return run_bwd_tile<Large>(p, device, stream);
   }
   run_bwd_tile<Small>(p, device, stream);

@@ -238,8 +238,8 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
   // its visible keys are clipped to the split. Rows past the tile are never stored: they take the
   // tile's whole key range (zero Q rows give finite scores), so they never force the mask.
   int64_t vis_lo[2], vis_hi[2];
-  float alibi_slope[2] = {0.0f, 0.0f};
-  int64_t diag[2] = {0, 0};
+  ScoreMod mod[2] = {};
+  int64_t query[2] = {0, 0};
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int r = g + 8 * hh;
@@ -249,15 +249,12 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
     const int64_t lo = mask.key_begin(i), hi = mask.key_end(i);
     vis_lo[hh] = valid ? (lo > split_lo ? lo : split_lo) : key_lo;
     vis_hi[hh] = valid ? (hi < split_hi ? hi : split_hi) : key_hi;
-    diag[hh] = mask.diagonal(i);
-    if (kScoreMod && p.alibi_slopes && valid)
-      alibi_slope[hh] = p.alibi_slopes[b * p.alibi_batch_stride + hk * group + int(row % group)];
+    query[hh] = i;
+    if (kScoreMod && valid) mod[hh] = p.score_mod(b, hk * group + int(row % group));
   }
   // Keys every row of the tile sees (the bounds are monotone in the row): blocks inside need no mask.
   const int64_t all_lo = mask.key_begin(q_last) > split_lo ? mask.key_begin(q_last) : split_lo;
   const int64_t all_hi = mask.key_end(q_first) < split_hi ? mask.key_end(q_first) : split_hi;
-  const float softcap = kScoreMod ? p.softcap : 0.0f;
-  const float inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
   // Without a score modifier (and with a positive scale) the scale folds into the exponent.
   const bool fold_scale = !kScoreMod && args.scale_log2 > 0;
   const float exp_scale = fold_scale ? args.scale_log2 : 1.0f;
@@ -317,13 +314,8 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e / 2;
-          float x = s[nt][e] * p.scale;
-          if (softcap > 0) x = softcap * tanhf(x * inv_softcap);
-          if (alibi_slope[hh] != 0) {
-            const int64_t dist = diag[hh] - (n0 + nt * 8 + 2 * t + (e & 1));
-            x -= alibi_slope[hh] * float(dist < 0 ? -dist : dist);
-          }
-          s[nt][e] = x * decode_detail::kLog2e;
+          const float distance = float(mask.distance(query[hh], n0 + nt * 8 + 2 * t + (e & 1)));
+          s[nt][e] = mod[hh].apply(s[nt][e] * p.scale, distance) * decode_detail::kLog2e;
         }
     } else if (!fold_scale) {  // a negative scale: the max must be taken of the scaled scores
 #pragma unroll

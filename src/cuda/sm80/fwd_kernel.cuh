@@ -169,11 +169,12 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   const int64_t m0 = int64_t(m_block) * kBlockM;
   if (m0 >= len_q) return;  // varlen: this sequence is shorter than the longest one
   const int64_t rows = len_q - m0 < kBlockM ? len_q - m0 : kBlockM;  // valid rows of this block
-  const Mask mask = p.mask(b);
+  // The mask in int arithmetic (seqlen_q + seqlen_k < 2^31 on CUDA).
+  const Mask32 mask = Mask32::make(len_q, len_k, p.window_left, p.window_right);
 
   // Keys any row of the block sees (both bounds are monotone in the row).
-  const int64_t key_lo = mask.key_begin(m0);
-  const int64_t key_hi = mask.key_end(m0 + rows - 1);
+  const int64_t key_lo = mask.key_begin(int(m0));
+  const int64_t key_hi = mask.key_end(int(m0 + rows - 1));
   int n_begin = int(key_lo / kBlockN);
   int n_end = key_hi > key_lo ? int((key_hi + kBlockN - 1) / kBlockN) : n_begin;
 
@@ -228,18 +229,11 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   load_v(n_end - 1, 0);
   ptx::cp_async_commit();
 
-  // Per-thread rows: (m tile mt, half hh) is block row warp_row0 + 16 mt + 8 hh + g. Its
-  // diagonal key (bottom-right alignment) fits an int: |i + len_k - len_q| < 2^31.
+  // Per-thread rows: (m tile mt, half hh) is block row warp_row0 + 16 mt + 8 hh + g, sequence
+  // row row0 + 16 mt + 8 hh.
   const int warp_row0 = warp * Tr::kWarpRows;
-  const int diag0 = int(mask.diagonal(m0 + warp_row0 + g));
-  // Window bounds beyond len_q + len_k act as unbounded; clamped so the int arithmetic below
-  // cannot overflow (seqlen_q + seqlen_k < 2^31 on CUDA).
-  const int len_k_int = int(len_k);
-  const int wl = p.window_left < 0 ? -1 : int(p.window_left < len_q + len_k ? p.window_left : len_q + len_k);
-  const int wr = p.window_right < 0 ? -1 : int(p.window_right < len_q + len_k ? p.window_right : len_q + len_k);
-  const float softcap = kScoreMod ? p.softcap : 0.0f;
-  const float inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
-  const float alibi_slope = kScoreMod && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+  const int row0 = int(m0) + warp_row0 + g;
+  const ScoreMod mod = kScoreMod ? p.score_mod(b, h) : ScoreMod{};
   constexpr bool has_score_mod = kScoreMod;
   // Without a score modifier (and with a positive scale, so the max of the raw scores is the max
   // of the scaled ones) the scale folds into the exponent: P = exp2(s * scale_log2 - max) is one
@@ -321,26 +315,21 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float x = s[mt][nt][e] * p.scale;
-            if (softcap > 0) x = softcap * tanhf(x * inv_softcap);
-            if (alibi_slope != 0) {
-              const int dist = diag0 + mt * 16 + (e / 2) * 8 - (int(n0) + nt * 8 + 2 * t + (e & 1));
-              x -= alibi_slope * float(dist < 0 ? -dist : dist);
-            }
-            s[mt][nt][e] = x * detail::kLog2e;
+            const int row = row0 + mt * 16 + (e / 2) * 8, key = int(n0) + nt * 8 + 2 * t + (e & 1);
+            s[mt][nt][e] = mod.apply(s[mt][nt][e] * p.scale, float(mask.distance(row, key))) * detail::kLog2e;
           }
     }
 
     // Keys outside a row's window (or past the sequence) -> -inf. Interior blocks skip this.
-    if (!mask.block_fully_visible(m0, m0 + rows, n0, n0 + kBlockN)) {
+    if (!mask.block_fully_visible(int(m0), int(m0 + rows), int(n0), int(n0) + kBlockN)) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          // Visible keys [begin, end) of this row relative to n0, as in Mask::key_begin/key_end.
-          const int diag = diag0 + mt * 16 + hh * 8;
-          const int begin = (wl < 0 ? 0 : max(diag - wl, 0)) - int(n0);
-          const int end = (wr < 0 ? len_k_int : min(max(diag + wr + 1, 0), len_k_int)) - int(n0);
+          // Visible keys [begin, end) of this row relative to n0.
+          const int row = row0 + mt * 16 + hh * 8;
+          const int begin = mask.key_begin(row) - int(n0);
+          const int end = mask.key_end(row) - int(n0);
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll

@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "core/knobs.h"
 #include "cuda/common/check.h"
 #include "cuda/sm80/fwd_kernel.cuh"
 #include "cuda/sm80/launch.h"
@@ -113,8 +114,7 @@ void run_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   if constexpr (fwd_tile(kHeadDim, true) != fwd_tile(kHeadDim, false)) {
     using Large = FwdTraits<kHeadDim, T, true>;
     // FLASHATTN_CUDA_SMALL_TILES=1 forces the sm80 tiles (lets an sm90 test run them too).
-    const char* force_small = std::getenv("FLASHATTN_CUDA_SMALL_TILES");
-    if (!(force_small && force_small[0] == '1') && max_smem_per_block(device) >= Large::kSmemBytes)
+    if (!knobs().cuda_small_tiles && max_smem_per_block(device) >= Large::kSmemBytes)
       return run_fwd_tile<Large>(p, device, stream);
   }
   run_fwd_tile<Small>(p, device, stream);

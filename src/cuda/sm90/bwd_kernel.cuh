@@ -38,7 +38,7 @@
 #include "cuda/common/ptx.h"
 #include "cuda/sm80/bwd_workspace.cuh"
 #include "cuda/sm90/bwd_traits.h"
-#include "cuda/sm90/int_mask.h"
+#include "core/mask.h"
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/wgmma_ops.h"
 
@@ -51,7 +51,7 @@ struct BwdKernelParams {
   CUtensorMap tma_dk, tma_dv;
   BwdParams p;
   sm80::BwdArgs args;
-  IntMask mask;
+  Mask32 mask;  // every sequence's: a fixed-length batch
 };
 
 // Named barriers (0 is __syncthreads).
@@ -114,7 +114,7 @@ struct BwdWork {
     w.hk = bid % kp.p.heads_k;
     w.b = bid / kp.p.heads_k;
     w.n0 = w.n_block * Tr::kBlockN;
-    const IntMask& mask = kp.mask;
+    const Mask32& mask = kp.mask;
     w.keys = min(Tr::kBlockN, mask.seqlen_k - w.n0);
     // Both bounds of a row's visible keys are monotone in the row: the rows that see a key of
     // [n0, n0 + keys) form one range [lo, hi), found by binary search.
@@ -330,7 +330,7 @@ struct BwdConsumer {
   }
 
   // Element 4i + 2hh + e of an accumulator is key row g + 8hh of the warp's 16, query column
-  // 8i + 2t + e of the block. The mask is IntMask's offset test (no per-query bounds held).
+  // 8i + 2t + e of the block. The mask is Mask32's offset test (no per-query bounds held).
   __device__ __forceinline__ void probabilities(float (&s)[kBlockM / 2], const float* lse2, bool need_mask,
                                                 int m0) const {
     const int key = w.n0 + wg * 64 + warp() * 16 + g();  // this thread's first key; the second is + 8
@@ -363,9 +363,7 @@ struct BwdConsumer {
     const int key = w.n0 + wg * 64 + warp() * 16 + g();
     const int lowest = kp.mask.lowest_offset(), highest = kp.mask.highest_offset();
     const bool key_valid[2] = {key < kp.mask.seqlen_k, key + 8 < kp.mask.seqlen_k};
-    const float softcap = kp.p.softcap, inv_softcap = softcap > 0 ? 1.0f / softcap : 0.0f;
-    const float slope = kp.p.alibi_slopes ? kp.p.alibi_slopes[w.b * kp.p.alibi_batch_stride + h] : 0.0f;
-    const int diagonal_shift = kp.mask.seqlen_k - kp.mask.seqlen_q;  // row i's diagonal key: i + shift
+    const ScoreMod mod = kp.p.score_mod(w.b, h);
 #pragma unroll
     for (int i = 0; i < kBlockM / 8; ++i) {
       const int c = 8 * i + 2 * t();
@@ -377,17 +375,8 @@ struct BwdConsumer {
         for (int hh = 0; hh < 2; ++hh) {
           const int idx = 4 * i + 2 * hh + e;
           const int offset = key + 8 * hh - (m0 + c + e);  // key - query
-          float x = s[idx] * kp.p.scale;
-          float dscore = 1.0f;
-          if (softcap > 0) {
-            const float th = tanhf(x * inv_softcap);
-            x = softcap * th;
-            dscore = 1.0f - th * th;
-          }
-          if (slope != 0) {
-            const int dist = offset - diagonal_shift;  // key - (query's diagonal key)
-            x -= slope * float(dist < 0 ? -dist : dist);
-          }
+          float dscore;
+          const float x = mod.apply(s[idx] * kp.p.scale, float(kp.mask.distance(m0 + c + e, key + 8 * hh)), dscore);
           float prob = flashattn::cuda::ptx::exp2_approx(x * kLog2e - (e ? l.y : l.x));
           if (need_mask && (!key_valid[hh] || offset < lowest || offset > highest)) prob = 0.0f;
           s[idx] = prob;

@@ -54,7 +54,7 @@ void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
   BwdKernelParams kp{};
   kp.p = p;
   kp.args = sm80::BwdArgs::plan(p, Tr::kBlockM, Tr::kBlockN, kLog2e);
-  kp.mask.set(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+  kp.mask = Mask32::make(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
   const int64_t main_blocks = int64_t(kp.args.n_blocks) * p.heads_k * p.batch;
   const int64_t row_blocks = int64_t(kp.args.m_blocks) * p.heads * p.batch;
 

@@ -2,11 +2,15 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
+#include "core/knobs.h"
 #include "cuda/common/check.h"
+#include "cuda/common/kernel_table.h"
+#include "cuda/inst/kernel_table.h"
+#include "cuda/sm90/bwd_launch.h"
 #include "cuda/sm90/tensor_map.h"
 #include "cuda/sm90/tile_size.h"
 #include "flashattn/error.h"
@@ -14,164 +18,143 @@
 namespace flashattn::cuda::sm90 {
 namespace {
 
-// The head dims this build instantiated for sm90 (FLASHATTN_CUDA_HEAD_DIMS intersected with the
-// Hopper set, see src/cuda/CMakeLists.txt), ascending; smaller head dims pad up to them.
-constexpr int kHeadDims[] = {
-#if FLASHATTN_CUDA_SM90_HDIM_64
-    64,
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_128
-    128,
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_192
-    192,
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_256
-    256,
-#endif
-    0};  // sentinel
+// The generated table's sm90 families: launcher and name of each (head dim, dtype).
+struct FwdKernel {
+  void (*run)(const AttnParams&, const FwdPlan&, int, cudaStream_t);
+  std::string (*name)(const FwdPlan&);
+};
+struct BwdKernel {
+  void (*run)(const BwdParams&, int, cudaStream_t);
+  std::string (*name)();
+};
+#define LAUNCH(hdim, T) (FwdKernel{&run_fwd<hdim, T>, &kernel_name<hdim, T>})
+constexpr KernelEntry<FwdKernel> kForward[] = {FLASHATTN_FWD_SM90_KERNELS(FLASHATTN_KERNEL_ENTRY){}};
+#undef LAUNCH
+#define LAUNCH(hdim, T) (BwdKernel{&run_bwd<hdim, T>, &bwd_kernel_name<hdim, T>})
+constexpr KernelEntry<BwdKernel> kBackward[] = {FLASHATTN_BWD_SM90_KERNELS(FLASHATTN_KERNEL_ENTRY){}};
+#undef LAUNCH
 
-// Masked calls up to this many query rows take the narrow tile (FLASHATTN_SM90_NARROW=0/1 forces
-// either, auto or unset: this rule).
+// Masked calls up to this many query rows take the narrow tile (FLASHATTN_SM90_NARROW forces
+// either).
 constexpr int64_t kNarrowMaxSeqlenQ = 2048;
 
-enum class Force { kAuto, kSm80, kSm90 };
-
-Force forced() {
-  const char* v = std::getenv("FLASHATTN_CUDA_FORWARD");
-  if (!v || !*v || std::strcmp(v, "auto") == 0) return Force::kAuto;
-  if (std::strcmp(v, "sm80") == 0) return Force::kSm80;
-  if (std::strcmp(v, "sm90") == 0) return Force::kSm90;
-  throw Unsupported(std::string("flashattn: FLASHATTN_CUDA_FORWARD=") + v + ": expected auto, sm80 or sm90");
-}
-
-Schedule schedule_from_env() {
-  const char* v = std::getenv("FLASHATTN_SM90_SCHEDULE");
-  if (!v || !*v || std::strcmp(v, "overlap") == 0) return Schedule::kOverlap;
-  if (std::strcmp(v, "pingpong") == 0) return Schedule::kPingPong;
-  if (std::strcmp(v, "serial") == 0) return Schedule::kSerial;
-  throw Unsupported(std::string("flashattn: FLASHATTN_SM90_SCHEDULE=") + v + ": expected serial, overlap or pingpong");
-}
-
-// Empty when the sm90 kernel covers the call; otherwise the first reason it does not.
-std::string coverage_problem(const AttnParams& p, int device, int* head_dim) {
+// The one coverage check of both directions: empty when the sm90 kernels cover the call,
+// otherwise the first reason they do not. `views` are the tensors the kernel maps with TMA.
+template <typename Kernel, int N>
+std::string coverage_problem(const AttnParams& p, int device, const KernelEntry<Kernel> (&table)[N],
+                             std::initializer_list<std::pair<const char*, TensorView4d>> views, int* head_dim) {
   int major = 0, minor = 0;
   FA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   FA_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   if (major != 9 || minor != 0)
     return "the device is sm_" + std::to_string(major) + std::to_string(minor) + " (sm90a code runs on sm_90 only)";
   if (p.dtype != DType::bf16 && p.dtype != DType::f16) return "dtype is not fp16 or bf16";
-  if (p.cu_seqlens_q || p.cu_seqlens_k) return "varlen batches are not covered yet";
-  if (p.softcap > 0) return "softcap is not covered yet";
-  if (p.alibi_slopes) return "ALiBi is not covered yet";
-  if (!(p.scale > 0)) return "a softmax scale <= 0 (the max of the scaled scores is taken on the raw ones)";
-  if (p.num_splits > 1) return "split-KV was asked for";
+  if (p.cu_seqlens_q || p.cu_seqlens_k || p.seqused_k) return "varlen batches are not covered yet";
   const int need = std::max(p.head_dim, p.head_dim_v);
-  *head_dim = 0;
-  for (int d : kHeadDims)
-    if (d >= need) {
-      *head_dim = d;
-      break;
-    }
-  if (!*head_dim) return "no sm90 instantiation for head dim " + std::to_string(need) + " in this build";
+  const KernelEntry<Kernel>* e = find_kernel(table, need, p.dtype);
+  if (!e) return "no sm90 instantiation for head dim " + std::to_string(need) + " in this build";
+  *head_dim = e->head_dim;
+  if (p.seqlen_q == 0 || p.seqlen_k == 0) return "an empty sequence (no tensor map for zero rows)";
   if (p.seqlen_q + p.seqlen_k >= (int64_t(1) << 30)) return "seqlen_q + seqlen_k >= 2^30 (the kernel's key bounds are int)";
-  const int block_m = std::min(fwd_tile(*head_dim).block_m, fwd_tile(*head_dim, true).block_m);
-  if ((p.seqlen_q + block_m - 1) / block_m * p.heads * p.batch > INT_MAX) return "more than 2^31 - 1 query blocks";
-  const TensorView4d views[4] = {
-      {p.q, p.dtype, p.head_dim, p.seqlen_q, p.heads, p.batch, p.q_stride.row, p.q_stride.head, p.q_stride.batch},
-      {p.k, p.dtype, p.head_dim, p.seqlen_k, p.heads_k, p.batch, p.k_stride.row, p.k_stride.head, p.k_stride.batch},
-      {p.v, p.dtype, p.head_dim_v, p.seqlen_k, p.heads_k, p.batch, p.v_stride.row, p.v_stride.head, p.v_stride.batch},
-      {p.out, p.dtype, p.head_dim_v, p.seqlen_q, p.heads, p.batch, p.out_stride.row, p.out_stride.head,
-       p.out_stride.batch}};
-  const char* names[4] = {"q", "k", "v", "out"};
-  for (int i = 0; i < 4; ++i)
-    if (std::string why = tensor_map_problem(views[i]); !why.empty()) return std::string(names[i]) + " has " + why;
+  for (const auto& [name, view] : views)
+    if (std::string why = tensor_map_problem(view); !why.empty()) return std::string(name) + " has " + why;
   return {};
 }
 
-template <typename T>
-std::string name_for(int head_dim, const FwdPlan& plan) {
-  switch (head_dim) {
-#if FLASHATTN_CUDA_SM90_HDIM_64
-    case 64: return kernel_name<64, T>(plan);
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_128
-    case 128: return kernel_name<128, T>(plan);
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_192
-    case 192: return kernel_name<192, T>(plan);
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_256
-    case 256: return kernel_name<256, T>(plan);
-#endif
-    default: break;
-  }
-  throw Unsupported("flashattn: internal error: no sm90 forward for head dim " + std::to_string(head_dim));
+TensorView4d q_view(const void* data, const AttnParams& p, int cols, const Strides& s) {
+  return {data, p.dtype, cols, p.seqlen_q, p.heads, p.batch, s.row, s.head, s.batch};
+}
+TensorView4d k_view(const void* data, const AttnParams& p, int cols, const Strides& s) {
+  return {data, p.dtype, cols, p.seqlen_k, p.heads_k, p.batch, s.row, s.head, s.batch};
 }
 
-template <typename T>
-void run_head_dim(const AttnParams& p, const Selection& s, int device, cudaStream_t stream) {
-  switch (s.head_dim) {
-#if FLASHATTN_CUDA_SM90_HDIM_64
-    case 64: return run_fwd<64, T>(p, s.plan, device, stream);
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_128
-    case 128: return run_fwd<128, T>(p, s.plan, device, stream);
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_192
-    case 192: return run_fwd<192, T>(p, s.plan, device, stream);
-#endif
-#if FLASHATTN_CUDA_SM90_HDIM_256
-    case 256: return run_fwd<256, T>(p, s.plan, device, stream);
-#endif
-    default: break;
+// Applies the knob: sm80 never selects; sm90 turns a coverage gap into an error.
+void apply_choice(KernelChoice choice, const char* knob, const char* direction, Selection& s) {
+  if (s.why_not.empty()) {
+    s.use = true;
+    return;
   }
-  throw Unsupported("flashattn: internal error: no sm90 forward for head dim " + std::to_string(s.head_dim));
+  if (choice == KernelChoice::kSm90)
+    throw Unsupported(std::string("flashattn: ") + knob + "=sm90, but the sm90 " + direction +
+                      " does not cover this call: " + s.why_not);
 }
 
 }  // namespace
 
 Selection select(const AttnParams& p, int device) {
   Selection s;
-  const Force force = forced();
-  if (force == Force::kSm80) {
+  const Knobs& k = knobs();
+  if (k.cuda_forward == KernelChoice::kSm80) {
     s.why_not = "FLASHATTN_CUDA_FORWARD=sm80";
     return s;
   }
-  s.why_not = coverage_problem(p, device, &s.head_dim);
-  if (!s.why_not.empty()) {
-    if (force == Force::kSm90)
-      throw Unsupported("flashattn: FLASHATTN_CUDA_FORWARD=sm90, but the sm90 forward does not cover this call: " +
-                        s.why_not);
-    return s;
+  if (p.softcap > 0) s.why_not = "softcap is not covered yet";
+  else if (p.alibi_slopes) s.why_not = "ALiBi is not covered yet";
+  else if (!(p.scale > 0)) s.why_not = "a softmax scale <= 0 (the max of the scaled scores is taken on the raw ones)";
+  else if (p.num_splits > 1) s.why_not = "split-KV was asked for";
+  else
+    s.why_not = coverage_problem(p, device, kForward,
+                                 {{"q", q_view(p.q, p, p.head_dim, p.q_stride)},
+                                  {"k", k_view(p.k, p, p.head_dim, p.k_stride)},
+                                  {"v", k_view(p.v, p, p.head_dim_v, p.v_stride)},
+                                  {"out", q_view(p.out, p, p.head_dim_v, p.out_stride)}},
+                                 &s.head_dim);
+  if (s.why_not.empty()) {
+    const int block_m = std::min(fwd_tile(s.head_dim).block_m, fwd_tile(s.head_dim, true).block_m);
+    if ((p.seqlen_q + block_m - 1) / block_m * p.heads * p.batch > INT_MAX) s.why_not = "more than 2^31 - 1 query blocks";
   }
-  s.use = true;
-  s.plan.schedule = schedule_from_env();
+  apply_choice(k.cuda_forward, "FLASHATTN_CUDA_FORWARD", "forward", s);
+  if (!s.use) return s;
+
+  s.plan.schedule = k.sm90_pingpong ? Schedule::kPingPong : Schedule::kOverlap;
   const bool masked = p.window_left >= 0 || p.window_right >= 0;
   // Masked calls with short query sequences take the narrow tile (tile_size.h: less of the computed
   // triangle is masked); long ones keep the wide tile, which reloads K/V for fewer query rows.
-  s.plan.narrow = masked && p.seqlen_q <= kNarrowMaxSeqlenQ;
-  if (const char* narrow = std::getenv("FLASHATTN_SM90_NARROW"); narrow && *narrow && std::strcmp(narrow, "auto") != 0)
-    s.plan.narrow = std::strcmp(narrow, "0") != 0;
+  s.plan.narrow = k.sm90_narrow == Override::kAuto ? masked && p.seqlen_q <= kNarrowMaxSeqlenQ
+                                                    : k.sm90_narrow == Override::kOn;
   // The persistent grid walks the tiles in static zig-zag rounds. Under a causal mask or a window
   // the tiles of one head differ in cost up to m_blocks : 1, and with more than 32 query blocks per
   // head the CTAs drifted apart (imbalance, K/V of many heads in L2): one CTA per tile, which the
   // hardware hands out heavy-first, was faster there on the H100 (bench/gpu/HOPPER_NOTES.md, v3).
   const int block_m = fwd_tile(s.head_dim, s.plan.narrow).block_m;
   const int64_t m_blocks = (p.seqlen_q + block_m - 1) / block_m;
-  s.plan.persistent = !(masked && m_blocks > 32);
-  if (const char* persistent = std::getenv("FLASHATTN_SM90_PERSISTENT"); persistent && *persistent)
-    s.plan.persistent = std::strcmp(persistent, "0") != 0;
-  if (const char* max_ctas = std::getenv("FLASHATTN_SM90_MAX_CTAS")) s.plan.max_ctas = std::atoi(max_ctas);
-  s.kernel = p.dtype == DType::bf16 ? name_for<__nv_bfloat16>(s.head_dim, s.plan) : name_for<__half>(s.head_dim, s.plan);
+  s.plan.persistent = k.sm90_persistent == Override::kAuto ? !(masked && m_blocks > 32)
+                                                           : k.sm90_persistent == Override::kOn;
+  s.plan.max_ctas = k.sm90_max_ctas;
+  return s;
+}
+
+BwdSelection select_bwd(const BwdParams& p, int device) {
+  BwdSelection s;
+  const Knobs& k = knobs();
+  if (k.cuda_backward == KernelChoice::kSm80) {
+    s.why_not = "FLASHATTN_CUDA_BACKWARD=sm80";
+    return s;
+  }
+  s.why_not = coverage_problem(p, device, kBackward,
+                               {{"q", q_view(p.q, p, p.head_dim, p.q_stride)},
+                                {"k", k_view(p.k, p, p.head_dim, p.k_stride)},
+                                {"v", k_view(p.v, p, p.head_dim_v, p.v_stride)},
+                                {"dout", q_view(p.dout, p, p.head_dim_v, p.dout_stride)},
+                                {"dk", k_view(p.dk, p, p.head_dim, p.dk_stride)},
+                                {"dv", k_view(p.dv, p, p.head_dim_v, p.dv_stride)}},
+                               &s.head_dim);
+  apply_choice(k.cuda_backward, "FLASHATTN_CUDA_BACKWARD", "backward", s);
   return s;
 }
 
 void run(const AttnParams& p, const Selection& s, int device, cudaStream_t stream) {
-  if (p.dtype == DType::bf16)
-    run_head_dim<__nv_bfloat16>(p, s, device, stream);
-  else
-    run_head_dim<__half>(p, s, device, stream);
+  find_kernel(kForward, s.head_dim, p.dtype)->launch.run(p, s.plan, device, stream);
+}
+void run(const BwdParams& p, const BwdSelection& s, int device, cudaStream_t stream) {
+  find_kernel(kBackward, s.head_dim, p.dtype)->launch.run(p, device, stream);
+}
+
+std::string kernel_name(const AttnParams& p, const Selection& s) {
+  return find_kernel(kForward, s.head_dim, p.dtype)->launch.name(s.plan);
+}
+std::string kernel_name(const BwdParams& p, const BwdSelection& s) {
+  return find_kernel(kBackward, s.head_dim, p.dtype)->launch.name();
 }
 
 }  // namespace flashattn::cuda::sm90

@@ -60,7 +60,7 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
   ptx::fence_proxy_async_smem();  // our st.shared -> the TMA engine's reads
   ptx::named_barrier_sync(kBarrierEpilogue0 + wg, 128);
   const int row0 = m0 + wg * 64;
-  if (thread_in_wg == 0 && row0 < p.seqlen_q) {
+  if (thread_in_wg == 0 && row0 < p.mask.seqlen_q) {
 #pragma unroll
     for (int ch = 0; ch < Tr::kChunks; ++ch)
       ptx::tma_store_4d(&p.tma_o, ch * 64, row0, h, b, smem_o + ch * Tr::kQChunkBytes);
@@ -71,7 +71,7 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int row = row0 + warp * 16 + g + 8 * hh;
-      if (row < p.seqlen_q) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row] = lse[hh];
+      if (row < p.mask.seqlen_q) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row] = lse[hh];
     }
   }
   if constexpr (!Tr::kSeparateO) {

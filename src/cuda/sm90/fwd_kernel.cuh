@@ -12,12 +12,12 @@
 //   O += P V           wgmma with P from registers (the S accumulators rounded to 16 bits)
 // then O / l -> shared memory -> TMA store, and LSE (epilogue.cuh).
 //
-// Schedules (fwd_traits.h): kSerial runs the steps in order. kOverlap issues block j+1's Q K^T
+// Schedules (fwd_traits.h): kOverlap issues block j+1's Q K^T
 // and block j's P V back to back and computes block j+1's softmax while P V runs. kPingPong adds
 // turns between the two consumer warpgroups: each issues its GEMMs only after the other did, so
 // the tensor cores alternate between them and each softmax hides under the other's GEMMs.
 //
-// Semantics are core/mask.h's (bottom-right causal / window, in int arithmetic in FwdParams); an
+// Semantics are core/mask.h's (bottom-right causal / window: Mask32 in FwdParams); an
 // empty row gives O = 0 and LSE = -inf.
 #pragma once
 
@@ -70,7 +70,7 @@ struct Consumer {
   // Softmax of the scores of key block n (already in s), leaving P in s.
   __device__ __forceinline__ void scores_to_probs(int n, float (&alpha)[2]) {
     const int key0 = n * Tr::kBlockN;
-    if (!p.block_fully_visible(c.m0, c.m0 + c.rows, key0, key0 + Tr::kBlockN))
+    if (!p.mask.block_fully_visible(c.m0, c.m0 + c.rows, key0, key0 + Tr::kBlockN))
       mask_scores<Tr::kBlockN>(s, p, row0, key0, thread_in_wg % 4);
     softmax.step(s, p.scale_log2, alpha);
   }
@@ -104,12 +104,7 @@ struct Consumer {
       for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] = 0.0f;
       softmax.init();
       ptx::mbarrier_wait(smem.full_q(), q_phase);
-      if (c.has_keys()) {
-        if constexpr (Tr::kSchedule == Schedule::kSerial)
-          mainloop_serial();
-        else
-          mainloop_overlapped();
-      }
+      if (c.has_keys()) mainloop_overlapped();
       // With its own O buffer, Q is free as soon as the last Q K^T is done: the next tile's Q
       // loads while this one's O is written out.
       if constexpr (Tr::kSeparateO) release(smem.empty_q());
@@ -122,35 +117,6 @@ struct Consumer {
     }
     // The last O stores must be complete before the CTA's shared memory goes away.
     if (thread_in_wg == 0) ptx::tma_store_wait_all();
-  }
-
-  __device__ __forceinline__ void mainloop_serial() {
-    for (int n = c.n_end - 1; n >= c.n_begin; --n, ++it) {
-      const Slot<Tr> slot = Slot<Tr>::of(it);
-      wait_k(it);
-      ptx::fence_operands(s);
-      ptx::wgmma_fence();
-      qk(it);
-      ptx::wgmma_commit();
-      ptx::wgmma_wait<0>();
-      ptx::fence_operands(s);
-      release(smem.empty_k(slot.stage));
-
-      float alpha[2];
-      scores_to_probs(n, alpha);
-      rescale_o<Tr::kHeadDim, Tr::kLazyRescale>(o, alpha);
-      convert_p<Tr>(pfrag, s);
-
-      wait_v(it);
-      ptx::fence_operands(o);
-      ptx::fence_operands(pfrag);
-      ptx::wgmma_fence();
-      pv(it);
-      ptx::wgmma_commit();
-      ptx::wgmma_wait<0>();
-      ptx::fence_operands(o);
-      release(smem.empty_v(slot.stage));
-    }
   }
 
   __device__ __forceinline__ void mainloop_overlapped() {

@@ -17,12 +17,6 @@
 
 namespace flashattn::cuda::sm90 {
 
-// Which schedules each instantiation carries: the default one, or all of them when the build asks
-// (FLASHATTN_SM90_ALL_SCHEDULES, for benchmarking one against another).
-#ifndef FLASHATTN_SM90_ALL_SCHEDULES
-#define FLASHATTN_SM90_ALL_SCHEDULES 0
-#endif
-
 template <typename Tr>
 std::string traits_name(bool persistent) {
   char buf[208];
@@ -59,7 +53,7 @@ void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cuda
   fp.lse = p.lse;
   fp.lse_batch_stride = p.lse_batch_stride;
   fp.lse_head_stride = p.lse_head_stride;
-  fp.set(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+  fp.mask = Mask32::make(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
   fp.heads = p.heads;
   fp.group = p.heads / p.heads_k;
   fp.m_blocks = int(m_blocks);
@@ -93,9 +87,6 @@ void with_schedule(const FwdPlan& plan, Fn&& fn) {
   const Schedule s = plan.schedule;
   if constexpr (fwd_tile(kHeadDim, true) != fwd_tile(kHeadDim))
     if (plan.narrow) return fn(FwdTraits<kHeadDim, T, Schedule::kOverlap, true>{});
-#if FLASHATTN_SM90_ALL_SCHEDULES
-  if (s == Schedule::kSerial) return fn(FwdTraits<kHeadDim, T, Schedule::kSerial>{});
-#endif
   if constexpr (fwd_tile(kHeadDim).consumer_wgs == 2)
     if (s == Schedule::kPingPong) return fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{});
   (void)s;

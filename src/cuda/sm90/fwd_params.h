@@ -6,12 +6,12 @@
 
 #include <cstdint>
 
-#include "cuda/sm90/int_mask.h"
+#include "core/mask.h"
 
 namespace flashattn::cuda::sm90 {
 
-// The mask (IntMask) of a fixed-length batch: seqlen_q, seqlen_k and the window, in int.
-struct FwdParams : IntMask {
+struct FwdParams {
+  Mask32 mask;  // every sequence's: a fixed-length batch
   // (head dim, rows, heads, batch) views of q, k, v and out; boxes of 64 columns x the tile's rows.
   CUtensorMap tma_q;
   CUtensorMap tma_k;

@@ -8,16 +8,16 @@
 
 namespace flashattn::cuda::sm90 {
 
-// How a consumer warpgroup orders its two GEMMs and its softmax (bench/gpu/HOPPER_NOTES.md).
+// How a consumer warpgroup orders its two GEMMs and its softmax (bench/gpu/HOPPER_NOTES.md; the
+// serial schedule, GEMMs and softmax one after the other, lost to both and is gone).
 enum class Schedule : int {
-  kSerial = 0,    // S = Q K^T, softmax, O += P V, one after the other
   kOverlap = 1,   // the next block's Q K^T runs on the tensor cores while this thread does the softmax
   kPingPong = 2,  // kOverlap, and the consumer warpgroups take turns issuing GEMMs (named barriers),
                   // so one's softmax hides under the other's GEMMs
 };
 
 constexpr const char* schedule_name(Schedule s) {
-  return s == Schedule::kSerial ? "serial" : s == Schedule::kOverlap ? "overlap" : "pingpong";
+  return s == Schedule::kOverlap ? "overlap" : "pingpong";
 }
 
 template <int kHeadDim_, typename Element_, Schedule kSchedule_, bool kNarrow_ = false>

@@ -41,8 +41,8 @@ template <int kBlockN>
 __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 2], const FwdParams& p, int row0, int key0, int t) {
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const int begin = p.key_begin(row0 + 8 * hh) - key0;
-    const int end = p.key_end(row0 + 8 * hh) - key0;
+    const int begin = p.mask.key_begin(row0 + 8 * hh) - key0;
+    const int end = p.mask.key_end(row0 + 8 * hh) - key0;
 #pragma unroll
     for (int i = 0; i < kBlockN / 8; ++i)
 #pragma unroll

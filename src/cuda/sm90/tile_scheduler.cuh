@@ -47,10 +47,10 @@ __device__ __forceinline__ BlockCoord tile_coord(const FwdParams& p, int tile) {
   c.b = tile / p.heads;
   c.hk = c.h / p.group;
   c.m0 = c.m_block * Tr::kBlockM;
-  c.rows = min(Tr::kBlockM, p.seqlen_q - c.m0);
+  c.rows = min(Tr::kBlockM, p.mask.seqlen_q - c.m0);
   // Keys any row of the block sees (both bounds are monotone in the row).
-  const int key_lo = p.key_begin(c.m0);
-  const int key_hi = p.key_end(c.m0 + c.rows - 1);
+  const int key_lo = p.mask.key_begin(c.m0);
+  const int key_hi = p.mask.key_end(c.m0 + c.rows - 1);
   c.n_begin = key_lo / Tr::kBlockN;
   c.n_end = key_hi > key_lo ? (key_hi + Tr::kBlockN - 1) / Tr::kBlockN : c.n_begin;
   return c;
