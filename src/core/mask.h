@@ -40,16 +40,21 @@ struct BasicMask {
 
   FA_HOST_DEVICE Int diagonal(Int i) const { return i + seqlen_k - seqlen_q; }
 
-  // Visible keys of row i are [key_begin(i), key_end(i)); empty when begin >= end.
+  // Visible keys of row 0 <= i < seqlen_q are [key_begin(i), key_end(i)); empty when begin >= end.
+  // (The expressions keep i + (seqlen_k - seqlen_q - window) in one piece and skip clamps that
+  // cannot bind for such rows: ptxas then hoists the invariant part, where the sm90 forward's
+  // 128-register d64 tile otherwise spilled 104 bytes.)
   FA_HOST_DEVICE Int key_begin(Int i) const {
     if (window_left < 0) return 0;
-    const Int b = diagonal(i) - window_left;
-    return b < 0 ? 0 : (b > seqlen_k ? seqlen_k : b);
+    const Int b = i + seqlen_k - seqlen_q - window_left;  // < seqlen_k for every row i < seqlen_q
+    return b > 0 ? b : 0;
   }
   FA_HOST_DEVICE Int key_end(Int i) const {
-    if (window_right < 0) return seqlen_k;
-    const Int e = diagonal(i) + window_right + 1;
-    return e < 0 ? 0 : (e > seqlen_k ? seqlen_k : e);
+    return window_right < 0 ? seqlen_k : clamp_key(i + seqlen_k - seqlen_q + window_right + 1);
+  }
+  FA_HOST_DEVICE Int clamp_key(Int j) const {
+    const Int lo = j > 0 ? j : 0;
+    return lo < seqlen_k ? lo : seqlen_k;
   }
   FA_HOST_DEVICE bool visible(Int i, Int j) const { return j >= key_begin(i) && j < key_end(i); }
 
@@ -150,10 +155,20 @@ struct ScoreMod {
     else return x * inv_softcap;
   }
 
-  // Row i, key j of a sequence with this mask.
+  // Row i, key j of a sequence with this mask (the distance only computed when ALiBi is on: the
+  // kernels' score-modifier loops hold no distances for a softcap alone).
   template <typename V, typename Int>
   FA_HOST_DEVICE V apply(V x, Int i, Int j, const BasicMask<Int>& mask) const {
-    return apply(x, V(mask.distance(i, j)));
+    if (softcap > 0) x = cap(x);
+    if (alibi_slope != 0) x += bias(V(mask.distance(i, j)));
+    return x;
+  }
+  template <typename V, typename Int>
+  FA_HOST_DEVICE V apply(V x, Int i, Int j, const BasicMask<Int>& mask, V& dscore) const {
+    dscore = ScoreMath<V>::splat(1.0f);
+    if (softcap > 0) x = cap(x, dscore);
+    if (alibi_slope != 0) x += bias(V(mask.distance(i, j)));
+    return x;
   }
 };
 

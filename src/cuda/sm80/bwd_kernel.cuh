@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
             float dscore = 1.0f;  // d(transformed score) / d(scale * q.k)
             float x2;             // the score in the log2 domain
             if constexpr (kScoreMod) {
-              x2 = mod.apply(x_raw * p.scale, float(mask.distance(row, int(n0) + c)), dscore) * detail::kLog2e;
+              x2 = mod.apply(x_raw * p.scale, row, int(n0) + c, mask, dscore) * detail::kLog2e;
             } else {
               x2 = x_raw * args.scale_log2;
             }

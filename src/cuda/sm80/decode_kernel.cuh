@@ -314,8 +314,8 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hh = e / 2;
-          const float distance = float(mask.distance(query[hh], n0 + nt * 8 + 2 * t + (e & 1)));
-          s[nt][e] = mod[hh].apply(s[nt][e] * p.scale, distance) * decode_detail::kLog2e;
+          s[nt][e] = mod[hh].apply(s[nt][e] * p.scale, query[hh], n0 + nt * 8 + 2 * t + (e & 1), mask) *
+                     decode_detail::kLog2e;
         }
     } else if (!fold_scale) {  // a negative scale: the max must be taken of the scaled scores
 #pragma unroll

@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int row = row0 + mt * 16 + (e / 2) * 8, key = int(n0) + nt * 8 + 2 * t + (e & 1);
-            s[mt][nt][e] = mod.apply(s[mt][nt][e] * p.scale, float(mask.distance(row, key))) * detail::kLog2e;
+            s[mt][nt][e] = mod.apply(s[mt][nt][e] * p.scale, row, key, mask) * detail::kLog2e;
           }
     }
 

@@ -376,7 +376,7 @@ struct BwdConsumer {
           const int idx = 4 * i + 2 * hh + e;
           const int offset = key + 8 * hh - (m0 + c + e);  // key - query
           float dscore;
-          const float x = mod.apply(s[idx] * kp.p.scale, float(kp.mask.distance(m0 + c + e, key + 8 * hh)), dscore);
+          const float x = mod.apply(s[idx] * kp.p.scale, m0 + c + e, key + 8 * hh, kp.mask, dscore);
           float prob = flashattn::cuda::ptx::exp2_approx(x * kLog2e - (e ? l.y : l.x));
           if (need_mask && (!key_valid[hh] || offset < lowest || offset > highest)) prob = 0.0f;
           s[idx] = prob;
