@@ -141,6 +141,7 @@ def main():
                     default="1:32768:8/16/33/66,16:131072:1/2",
                     help="B:S:N1/N2/..[,...]: also time ours at these fixed num_splits for (batch B, keys S)")
     ap.add_argument("--name", default="decode")
+    ap.add_argument("--baseline", help="also time this flashattn-gpu-bench (built from another commit)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -165,6 +166,7 @@ def main():
         if (int(b), int(s)) in shapes:
             cases += [(int(b), int(s), int(n)) for n in counts.split("/")]
     read_tbps, ours = run_ours(args.ours, cases, args.warmup, args.iters, 1024)
+    base = run_ours(args.baseline, [(b, s, 0) for b, s in shapes], args.warmup, args.iters, 0)[1] if args.baseline else {}
 
     print(f"device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
     print(f"ceilings: copy (read + write, torch) {copy:.2f} TB/s; read only: streaming kernel {read_tbps:.2f} TB/s, "
@@ -175,6 +177,8 @@ def main():
         o = ours[(b, s, 0)]
         row = {"batch": b, "seqlen_k": s, "heads": HEADS, "heads_k": HEADS_K, "head_dim": D,
                "bytes": io_bytes(b, s), "ours_ms": o["ms"], "ours_tbps": o["tbps"]}
+        if base:
+            row["baseline_tbps"] = base[(b, s, 0)]["tbps"]
         for name, (ms, mode) in time_sdpa(b, s, args.warmup, args.iters, l2_bytes).items():
             row[f"{name}_ms"] = ms
             row[f"{name}_mode"] = mode
@@ -196,8 +200,9 @@ def main():
         "/ median time. SDPA with enable_gqa=True; (exp.) = that backend refused it and ran on K/V "
         "expanded to 32 heads (it then reads 4x the bytes; the TB/s still counts the 8-head bytes).",
         "",
-        "| batch | keys | K+V MiB | ours TB/s | SDPA flash | cuDNN | efficient | ours/flash | ours/cuDNN | ours/eff. | ours µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | keys | K+V MiB | ours TB/s | SDPA flash | cuDNN | efficient | ours/flash | ours/cuDNN | ours/eff. | ours µs |"
+        + (" baseline TB/s | ours/baseline |" if base else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base else ""),
     ]
     for r in rows:
         ratio = {n: (r["ours_tbps"] / r[f"{n}_tbps"] if r[f"{n}_tbps"] else None) for n, _ in BACKENDS}
@@ -205,7 +210,8 @@ def main():
             f"| {r['batch']} | {r['seqlen_k'] // 1024}k | {kv_bytes(r['batch'], r['seqlen_k']) / 2**20:.0f} | "
             f"**{fmt(r['ours_tbps'])}** | {fmt(r['flash_tbps'])}{mode(r, 'flash')} | "
             f"{fmt(r['cudnn_tbps'])}{mode(r, 'cudnn')} | {fmt(r['efficient_tbps'])}{mode(r, 'efficient')} | "
-            f"{fmt(ratio['flash'])} | {fmt(ratio['cudnn'])} | {fmt(ratio['efficient'])} | {r['ours_ms'] * 1e3:.1f} |")
+            f"{fmt(ratio['flash'])} | {fmt(ratio['cudnn'])} | {fmt(ratio['efficient'])} | {r['ours_ms'] * 1e3:.1f} |"
+            + (f" {fmt(r['baseline_tbps'])} | {fmt(r['ours_tbps'] / r['baseline_tbps'])} |" if base else ""))
     sweep_rows = [ours[k] for k in sorted(ours) if k[2] != 0]
     if sweep_rows:
         lines += ["", "ours at fixed num_splits (0 = the heuristic, in the table above):", "",

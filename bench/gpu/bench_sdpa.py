@@ -127,6 +127,8 @@ def main():
         variants.append(("sm80", args.ours, {"FLASHATTN_CUDA_FORWARD": "sm80", "FLASHATTN_CUDA_BACKWARD": "sm80"}))
     if args.baseline:
         variants.append(("baseline", args.baseline, {}))
+        if args.ours_sm80:
+            variants.append(("baseline-sm80", args.baseline, variants[0][2]))
     rows = []
     for b, s, h, d, causal in configs:
         ours = run_ours({}, [(b, s, h, d, causal)])
@@ -155,6 +157,8 @@ def main():
         return "—" if x is None else f"{x:.{p}f}"
 
     names = [name for name, _, _ in variants]
+    # Each extra column's ratio: ours against it, but the baseline's sm80 against our sm80.
+    partner = {n: ("sm80" if n == "baseline-sm80" else "ours") for n in names}
     lines = [
         f"{'Backward' if args.bwd else 'Forward'}{' (ours deterministic)' if args.deterministic else ''}. "
         f"Device: {dev}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
@@ -162,7 +166,7 @@ def main():
         f"ours ran: {', '.join(sorted(set(r['kernel'] for r in rows if r['kernel'])))}",
         "",
         "| d | causal | seqlen | batch x heads | ours TFLOP/s | SDPA flash | cuDNN | ours/flash | ours/cuDNN | ours ms |"
-        + "".join(f" ours {n} | ours/{n} |" for n in names),
+        + "".join(f" ours {n} | {partner[n]}/{n} |" for n in names),
         "|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(names),
     ]
     for r in rows:
@@ -173,7 +177,7 @@ def main():
             f"{fmt(r['ours_tflops'])} | {fmt(r['flash_tflops'])} | {fmt(r['cudnn_tflops'])} | "
             f"{fmt(rf, 2)} | {fmt(rc, 2)} | {r['ours_ms']:.3f} |")
         for n in names:
-            line += f" {fmt(r[n + '_tflops'])} | {fmt(r['ours_tflops'] / r[n + '_tflops'], 2)} |"
+            line += f" {fmt(r[n + '_tflops'])} | {fmt(r[partner[n] + '_tflops'] / r[n + '_tflops'], 2)} |"
         lines.append(line)
     table = "\n".join(lines)
     print(table)

@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# The GPU session of a change, on the device machine, in two calls that each fit its time limit:
-#   bash bench/gpu/run_device.sh check [DIR]   GPU tests, flashattn-bench, sanitizers, Python package
-#   bash bench/gpu/run_device.sh bench [DIR]   forward / backward / decode vs PyTorch SDPA, build time
-# DIR (default build-carry/) holds binaries built elsewhere from this commit: flashattn_cuda_tests,
-# flashattn-gpu-bench, flashattn-bench, and lib.tar.xz with the shared libraries they need
-# (OpenBLAS for the oracle). Build them on the CPU machine with
-#   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA=ON \
-#         -DFLASHATTN_CUDA_ARCHS=90a -DFLASHATTN_BUILD_PYTHON=OFF
-#   cmake --build build-gpu --target flashattn_cuda_tests flashattn-gpu-bench flashattn-bench
-# and write the commit they were built from into DIR/COMMIT (the device's copy of the tree has no
-# up-to-date git history).
+# The one device script: everything a change needs on the GPU machine, in calls that each fit the
+# device's time limit.
+#   bash bench/gpu/run_device.sh check [DIR]    GPU tests, sanitizers, flashattn-bench, the Python package
+#   bash bench/gpu/run_device.sh bench [DIR]    forward / backward / decode vs PyTorch SDPA (flash, cuDNN),
+#                                              interleaved per shape; a baseline commit beside ours
+#   bash bench/gpu/run_device.sh profile [DIR]  ncu of the forward and backward main kernels
+# DIR (default build-carry/) holds what bench/gpu/pack_carry.sh put there: flashattn_cuda_tests,
+# flashattn-gpu-bench, flashattn-bench, lib.tar.xz (the shared libraries they need: OpenBLAS for
+# the oracle) and COMMIT; optionally base-src.tar.gz (git archive of a baseline commit), which
+# `bench` builds here (the library and flashattn-gpu-bench need no BLAS) and times beside ours.
 # Everything is logged under $OUT (default ./device-out); the most important step runs first, so a
 # call cut off by its limit loses the least.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-MODE=${1:?usage: run_device.sh check|bench [DIR]}
+MODE=${1:?usage: run_device.sh check|bench|profile [DIR]}
 DIR=$(cd "${2:-build-carry}" && pwd)
 OUT=${OUT:-$ROOT/device-out}
 mkdir -p "$OUT"
@@ -24,6 +23,8 @@ export PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=$DIR/lib:${LD_LIBRARY_PATH:-}
 TESTS=$DIR/flashattn_cuda_tests
 GPU_BENCH=$DIR/flashattn-gpu-bench
+# The image's default compiler links libstdc++ statically; builds here use the system one.
+CMAKE_HOST=(-DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++)
 
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
   nvcc --version | tail -1
@@ -86,31 +87,57 @@ check() {
   grep -E "Graph Count|Graph Break Count" "$OUT/explain.txt" 2>/dev/null | sort | uniq -c
 }
 
-bench() {
-  echo "== forward vs SDPA (16k tokens, dim 2048, bf16)"
-  timeout 200 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --ours-sm80 --out "$OUT" --name forward \
-    --head-dims 64,128,256 --seqlens 512,1024,2048,4096,8192,16384 2>&1 | tail -45
-  echo "== backward vs SDPA"
-  timeout 200 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --bwd --ours-sm80 --out "$OUT" --name backward \
-    --head-dims 64,128 --seqlens 1024,2048,4096,8192,16384 2>&1 | tail -25
-  echo "== decode vs SDPA (TB/s)"
-  timeout 150 python3 bench/gpu/bench_decode.py --ours "$GPU_BENCH" --out "$OUT" 2>&1 | tail -20
-  echo "== full library build on this machine's cores (CUDA archs 80;90a, every head dim)"
-  local build=/tmp/build-time
-  rm -rf "$build"
-  if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA=ON \
-       -DFLASHATTN_BUILD_TESTS=OFF -DFLASHATTN_BUILD_APPS=OFF -DFLASHATTN_BUILD_PYTHON=OFF \
-       -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ > "$OUT/build-time.log" 2>&1; then
-    local start=$SECONDS
-    timeout 200 cmake --build "$build" -j"$(nproc)" >> "$OUT/build-time.log" 2>&1
-    echo "build exit code $? in $((SECONDS - start)) s on $(nproc) cores"
+# The baseline commit's flashattn-gpu-bench, built here from DIR/base-src.tar.gz (sets BASE_ARGS).
+BASE_ARGS=()
+build_baseline() {
+  [[ -f $DIR/base-src.tar.gz ]] || return
+  local src=/tmp/base-src build=/tmp/base-build start=$SECONDS
+  rm -rf "$src" "$build" && mkdir -p "$src" && tar -xzf "$DIR/base-src.tar.gz" -C "$src"
+  if cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHATTN_CUDA=ON -DFLASHATTN_CUDA_ARCHS=90a \
+       -DFLASHATTN_CUDA_HEAD_DIMS="64;128;256" -DFLASHATTN_BUILD_TESTS=OFF -DFLASHATTN_BUILD_APPS=OFF \
+       -DFLASHATTN_BUILD_PYTHON=OFF "${CMAKE_HOST[@]}" > "$OUT/base-build.log" 2>&1 &&
+     timeout 240 cmake --build "$build" -j"$(nproc)" --target flashattn-gpu-bench >> "$OUT/base-build.log" 2>&1; then
+    BASE_ARGS=(--baseline "$build/bench/gpu/flashattn-gpu-bench")
+    echo "baseline built in $((SECONDS - start)) s"
   else
-    tail -20 "$OUT/build-time.log"
+    tail -20 "$OUT/base-build.log"
+    echo "baseline build FAILED: tables without it"
   fi
+}
+
+bench() {
+  build_baseline
+  echo "== forward vs SDPA (16k tokens, dim 2048, bf16)"
+  timeout 420 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --ours-sm80 "${BASE_ARGS[@]}" --out "$OUT" \
+    --name forward --head-dims 64,128,256 --seqlens ${SEQLENS:-512,1024,2048,4096,8192,16384} 2>&1 | tail -45
+  echo "== backward vs SDPA"
+  timeout 300 python3 bench/gpu/bench_sdpa.py --ours "$GPU_BENCH" --bwd --ours-sm80 "${BASE_ARGS[@]}" --out "$OUT" \
+    --name backward --head-dims 64,128 --seqlens ${SEQLENS_BWD:-1024,2048,4096,8192,16384} 2>&1 | tail -25
+  echo "== decode vs SDPA (TB/s)"
+  timeout 150 python3 bench/gpu/bench_decode.py --ours "$GPU_BENCH" "${BASE_ARGS[@]}" --out "$OUT" 2>&1 | tail -20
+}
+
+profile() {
+  echo "== ncu: one launch of each main kernel (16k tokens, seqlen 8192, non-causal)"
+  for pass in forward backward; do
+    for d in 64 128; do
+      local flag=() regex="flash_fwd_(sm90_)?kernel"
+      [[ $pass == backward ]] && flag=(--backward) regex="flash_bwd_(sm90_)?kernel"
+      timeout ${NCU_TIMEOUT:-60} ncu --kernel-name "regex:$regex" --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section InstructionStats \
+        "$GPU_BENCH" "${flag[@]}" --warmup 0 --iters 1 --case 2,8192,$((2048 / d)),$d,0 > "$OUT/ncu-$pass-d$d.txt" 2>&1
+      echo "$pass d$d: ncu exit code $?"
+      grep -iE "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Stall|Tensor|Pipe" \
+        "$OUT/ncu-$pass-d$d.txt" | head -25
+    done
+  done
 }
 
 case $MODE in
   check) check ;;
   bench) bench ;;
-  *) echo "usage: run_device.sh check|bench [DIR]"; exit 2 ;;
+  profile) profile ;;
+  *) echo "usage: run_device.sh check|bench|profile [DIR]"; exit 2 ;;
 esac
