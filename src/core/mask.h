@@ -79,10 +79,36 @@ struct BasicMask {
     return block_fully_visible(r0, r1, c0, c1) ? BlockVisibility::kFull : BlockVisibility::kPartial;
   }
 
+  // The rows of [r0, r1) that see some key of [c0, c1): a contiguous range, since both key bounds
+  // are monotone in the row (binary searches). The backward's key-block owners use it to find
+  // their query rows; r0 = r1 = rows past the ones that see any key (c0 = 0, c1 = seqlen_k).
+  struct Rows {
+    Int begin, end;
+  };
+  FA_HOST_DEVICE Rows rows_seeing(Int c0, Int c1, Int r0, Int r1) const {
+    const Int begin = first_row(r0, r1, [&](Int i) { return key_end(i) > c0; });
+    return {begin, first_row(begin, r1, [&](Int i) { return key_begin(i) >= c1; })};
+  }
+  FA_HOST_DEVICE Rows rows_seeing(Int c0, Int c1) const { return rows_seeing(c0, c1, 0, seqlen_q); }
+
   // ALiBi's distance |diagonal(i) - j| of key j from row i's diagonal key.
   FA_HOST_DEVICE Int distance(Int i, Int j) const {
     const Int d = diagonal(i) - j;
     return d < 0 ? -d : d;
+  }
+
+ private:
+  // First i in [lo, hi) where the monotone pred turns true (hi when it never does).
+  template <typename Pred>
+  FA_HOST_DEVICE static Int first_row(Int lo, Int hi, Pred pred) {
+    while (lo < hi) {
+      const Int mid = lo + (hi - lo) / 2;
+      if (pred(mid))
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    return lo;
   }
 };
 

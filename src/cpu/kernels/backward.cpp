@@ -303,18 +303,6 @@ void block_pair(const BwdParams& p, const Geometry& g, const Mask& mask, const S
        true);
 }
 
-// First index in [lo, hi) where pred turns true (pred is monotone: false ... false true ... true).
-template <typename Pred>
-int64_t first_true(int64_t lo, int64_t hi, Pred pred) {
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (pred(mid))
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  return lo;
-}
 
 // Query rows that see at least one key of [k_lo, k_hi), widened down to a query block
 // boundary: the rows an item packs and whose dQ it produces (exact zeros elsewhere). A
@@ -328,8 +316,7 @@ RowRange visible_rows(const BwdParams& p, const Geometry& g, int b, int chunk) {
   const int64_t k_hi = std::min(p.len_k(b), g.chunk_begin[chunk + 1]);
   if (k_lo >= k_hi || len_q == 0) return {};
   const Mask mask = p.mask(b);
-  const int64_t lo = first_true(0, len_q, [&](int64_t i) { return mask.key_end(i) > k_lo; });
-  const int64_t hi = first_true(lo, len_q, [&](int64_t i) { return mask.key_begin(i) >= k_hi; });
+  const auto [lo, hi] = mask.rows_seeing(k_lo, k_hi);
   if (lo >= hi) return {};
   return {lo / kBwdBlockM * kBwdBlockM, hi};
 }
@@ -371,9 +358,8 @@ void process_item(const BwdParams& p, const Geometry& g, int b, int hk, int chun
       const float* delta = g.delta + h * g.row_stride + q_row_base(p, b);
       for (int64_t c0 = k_lo; c0 < k_hi; c0 += kBwdBlockN) {
         const int cols = int(std::min<int64_t>(kBwdBlockN, k_hi - c0));
-        // Queries that see a key of [c0, c0 + cols): both range bounds are monotone in the row.
-        const int64_t i_lo = first_true(rows.begin, rows.end, [&](int64_t i) { return mask.key_end(i) > c0; });
-        const int64_t i_hi = first_true(i_lo, rows.end, [&](int64_t i) { return mask.key_begin(i) >= c0 + cols; });
+        // Queries that see a key of [c0, c0 + cols).
+        const auto [i_lo, i_hi] = mask.rows_seeing(c0, c0 + cols, rows.begin, rows.end);
         if (i_lo >= i_hi) continue;
         // Query blocks on the packed grid, trimmed to the visible rows (at vector granularity
         // at the start) so causal/window edges do not pay for whole invisible blocks.
@@ -430,8 +416,7 @@ void split_keys(const BwdParams& p, int chunks, Geometry& g) {
     double total = 0;
     for (int64_t kb = 0; kb < blocks; ++kb) {
       const int64_t c0 = kb * kBwdBlockN, c1 = std::min(c0 + kBwdBlockN, p.seqlen_k);
-      const int64_t lo = first_true(0, p.seqlen_q, [&](int64_t i) { return mask.key_end(i) > c0; });
-      const int64_t hi = first_true(lo, p.seqlen_q, [&](int64_t i) { return mask.key_begin(i) >= c1; });
+      const auto [lo, hi] = mask.rows_seeing(c0, c1);
       cost[kb] = double(std::max<int64_t>(0, hi - lo) + kLanes) * double(c1 - c0);
       total += cost[kb];
     }

@@ -104,18 +104,6 @@ __device__ __forceinline__ int lane_pairs_pattern(int lane, int pitch) {
   return ((lane & 7) + (lane >> 4) * 8) * pitch + ((lane >> 3) & 1) * 8;
 }
 
-// First index in [lo, hi) where pred turns true (pred monotone: false ... false true ... true).
-template <typename Pred>
-__device__ __forceinline__ int64_t first_true(int64_t lo, int64_t hi, Pred pred) {
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (pred(mid))
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  return lo;
-}
 
 }  // namespace detail
 
@@ -149,11 +137,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
   // The mask in int arithmetic (seqlen_q + seqlen_k < 2^31 on CUDA).
   const Mask32 mask = Mask32::make(len_q, len_k, p.window_left, p.window_right);
 
-  // Query rows that see a key of [n0, n0 + keys): both bounds of a row's key range are monotone
-  // in the row, so they form one range; whole query blocks around it.
-  const int64_t row_lo = detail::first_true(0, len_q, [&](int64_t i) { return mask.key_end(i) > n0; });
-  const int64_t row_hi =
-      detail::first_true(row_lo, len_q, [&](int64_t i) { return mask.key_begin(i) >= n0 + keys; });
+  // Query rows that see a key of [n0, n0 + keys) (one range); whole query blocks around it.
+  const auto [row_lo, row_hi] = mask.rows_seeing(int(n0), int(n0 + keys));
   const int m_begin = int(row_lo / kBlockM);
   const int m_count = row_hi > row_lo ? int((row_hi + kBlockM - 1) / kBlockM) - m_begin : 0;
 
@@ -384,8 +369,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_kernel
     if constexpr (kDeterministic) {
       // Turn of this key block: the query block sees keys up to the last key of its last non-empty
       // row (rows that see nothing only lead or trail), and the key blocks add from that one down.
-      const int64_t past_last =
-          detail::first_true(m0, m0 + rows, [&](int64_t i) { return mask.key_begin(i) >= len_k; });
+      const int past_last = mask.rows_seeing(0, int(len_k), int(m0), int(m0 + rows)).end;
       const int rank = int((mask.key_end(past_last - 1) - 1) / kBlockN) - n_block;
       dq_out.begin(args.dq_semaphore + (int64_t(b) * p.heads + h) * args.m_blocks + m_block, rank);
     }

@@ -116,10 +116,8 @@ struct BwdWork {
     w.n0 = w.n_block * Tr::kBlockN;
     const Mask32& mask = kp.mask;
     w.keys = min(Tr::kBlockN, mask.seqlen_k - w.n0);
-    // Both bounds of a row's visible keys are monotone in the row: the rows that see a key of
-    // [n0, n0 + keys) form one range [lo, hi), found by binary search.
-    const int lo = first_row(0, mask.seqlen_q, [&](int i) { return mask.key_end(i) > w.n0; });
-    const int hi = first_row(lo, mask.seqlen_q, [&](int i) { return mask.key_begin(i) >= w.n0 + w.keys; });
+    // The rows that see a key of [n0, n0 + keys) form one range [lo, hi).
+    const auto [lo, hi] = mask.rows_seeing(w.n0, w.n0 + w.keys);
     w.m_begin = lo / Tr::kBlockM;
     w.m_count = hi > lo ? (hi + Tr::kBlockM - 1) / Tr::kBlockM - w.m_begin : 0;
     w.group = kp.args.group;
@@ -130,18 +128,6 @@ struct BwdWork {
   __device__ int head(int step) const { return hk * group + step / m_count; }
   __device__ int m0(int step) const { return (m_begin + step % m_count) * Tr::kBlockM; }
 
-  // First i in [lo, hi) where pred turns true (pred monotone: false ... false true ... true).
-  template <typename Pred>
-  __device__ static int first_row(int lo, int hi, Pred pred) {
-    while (lo < hi) {
-      const int mid = lo + (hi - lo) / 2;
-      if (pred(mid))
-        hi = mid;
-      else
-        lo = mid + 1;
-    }
-    return lo;
-  }
 };
 
 // The producer: one thread issues every copy of the CTA.
@@ -299,7 +285,7 @@ struct BwdConsumer {
       // The block's rows see keys up to the last key of its last row that sees any (rows that see
       // nothing only lead or trail), and every key block from there down to ours adds before us.
       const int r1 = min(m0 + kBlockM, kp.mask.seqlen_q);
-      const int past_last = BwdWork<Tr>::first_row(m0, r1, [&](int i) { return kp.mask.key_begin(i) >= kp.mask.seqlen_k; });
+      const int past_last = kp.mask.rows_seeing(0, kp.mask.seqlen_k, m0, r1).end;
       const int rank = (kp.mask.key_end(past_last - 1) - 1) / Tr::kBlockN - w.n_block;
       const int* counter = dq_counter(h, m0);
       int seen;
