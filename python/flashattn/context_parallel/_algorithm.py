@@ -1,0 +1,144 @@
+"""Ring attention, forward and backward, as one torch.autograd.Function.
+
+Forward, on every rank, over W steps (W = ring size):
+    shift = send (K, V) in hand to rank + 1, receive rank - 1's       (issued first: it overlaps the step)
+    (O_s, LSE_s) = local attention of this rank's Q on the block in hand (the plan of _schedule.py)
+    (O, LSE) = merge((O, LSE), (O_s, LSE_s))                           (fp32; flashattn's merge)
+    (K, V) = shift.wait()
+The first step is this rank's own block, which every query row sees (itself at least, when causal):
+it initialises (O, LSE). With W = 1 there is nothing to shift or merge and the result is the local
+kernel's, in its dtype.
+
+Backward (standard ring-attention backward): each step recomputes its block's attention from the
+*global* O and LSE saved by the forward (the local kernels compute D = rowsum(dO * O) from the O they
+are given, and P = exp(S - LSE) with the global LSE, so every step's gradients are exactly that
+block's share of the full attention's gradients):
+    dQ        accumulates on this rank (fp32 when W > 1)
+    dK, dV    an fp32 accumulator travels with each K/V block: at step s this rank holds the block of
+              rank r - s and its accumulator (received from rank r - 1, which added its share at step
+              s - 1), adds its own share and passes it on to rank r + 1. After the W-th pass every
+              accumulator is back at its owner, complete.
+The order of every addition is fixed by the ring (rank r adds in ring order, never concurrently), so
+with the local kernels' deterministic flag the whole backward is bitwise reproducible run to run.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._schedule import plan_step
+
+
+class Options(NamedTuple):
+    softmax_scale: Optional[float]
+    causal: bool
+    layout: str
+    softcap: float
+    deterministic: bool
+
+
+def _accumulator(x, world_size):
+    """The first step's result as the running accumulator: fp32 when other steps will add to it (a
+    kernel output already in fp32 is used as it is: it is fresh and nobody else holds it)."""
+    return x if world_size == 1 else x.to(torch.float32)
+
+
+class _InFlight:
+    """The shifts not waited for yet. When a step raises (e.g. the C++ library refuses an argument,
+    on every rank alike), waiting for them before re-raising leaves the process group with no
+    half-done transfer, so it can still be used."""
+
+    def __init__(self):
+        self.shifts = []
+
+    def start(self, shift):
+        self.shifts.append(shift)
+        return shift
+
+    def finish(self, shift):
+        self.shifts.remove(shift)
+        return shift.wait()
+
+    def drain(self):
+        for shift in self.shifts:
+            try:
+                shift.wait()
+            except Exception:  # the original error is the one to report
+                pass
+        self.shifts = []
+
+
+def ring_forward(q, k, v, ring, tokens, options):
+    """-> out (q's dtype), lse fp32, over the whole ring's keys."""
+    world_size = ring.world_size
+    in_flight = _InFlight()
+    out = lse = None
+    block = (k, v)
+    try:
+        for step in range(world_size):
+            shift = in_flight.start(ring.shift(block)) if step + 1 < world_size else None
+            plan = plan_step(ring.rank, ring.source(step), options.causal, options.layout)
+            if plan is not None:
+                step_out, step_lse = tokens.forward(q, *block, plan, options)
+                if out is None:  # step 0: this rank's own block, all rows
+                    out, lse = _accumulator(step_out, world_size), step_lse
+                else:
+                    tokens.merge(out, lse, step_out, step_lse, plan.queries)
+            if shift is not None:
+                block = in_flight.finish(shift)
+    except BaseException:
+        in_flight.drain()
+        raise
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, ring, tokens, options):
+    """-> dq, dk, dv in the dtypes of q, k, v."""
+    world_size = ring.world_size
+    in_flight = _InFlight()
+    dq = dkv = dkv_shift = None
+    block = (k, v)
+    try:
+        for step in range(world_size):
+            shift = in_flight.start(ring.shift(block)) if step + 1 < world_size else None
+            plan = plan_step(ring.rank, ring.source(step), options.causal, options.layout)
+            grads = tokens.backward(dout, q, *block, out, lse, plan, options) if plan is not None else None
+            if step == 0:  # this rank's own block, all query and key rows
+                dq = _accumulator(grads[0], world_size)
+                dkv = [_accumulator(grads[1], world_size), _accumulator(grads[2], world_size)]
+            else:
+                dkv = in_flight.finish(dkv_shift)  # the accumulator of the block in hand
+                if grads is not None:
+                    tokens.add(dq, grads[0], plan.queries)
+                    tokens.add(dkv[0], grads[1], plan.keys)
+                    tokens.add(dkv[1], grads[2], plan.keys)
+            if world_size > 1:  # after the last step this pass brings every accumulator home
+                dkv_shift = in_flight.start(ring.shift(dkv))
+            if shift is not None:
+                block = in_flight.finish(shift)
+        if dkv_shift is not None:
+            dkv = in_flight.finish(dkv_shift)
+    except BaseException:
+        in_flight.drain()
+        raise
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class RingAttention(torch.autograd.Function):
+    """(q, k, v) -> (out, lse); lse is not differentiable (as in flash_attn)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring, tokens, options):
+        out, lse = ring_forward(q, k, v, ring, tokens, options)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.tokens, ctx.options = ring, tokens, options
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.ring, ctx.tokens, ctx.options)
+        return dq, dk, dv, None, None, None
