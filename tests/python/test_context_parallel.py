@@ -1,0 +1,252 @@
+"""flashattn.context_parallel: ring attention over torch.distributed (gloo, CPU).
+
+- The step plans against the global causal mask, pair by pair (no processes).
+- Sharding helpers: zig-zag shard/unshard roundtrips, positions, local cu_seqlens.
+- A 1-rank group in this process: the ring is exactly flashattn's single-call result; argument errors.
+- 2 and 4 spawned processes (gloo over 127.0.0.1, a FileStore): every case of context_parallel_cases.py
+  (causal and not, zig-zag and contiguous, varlen, GQA/MQA, softcap, bf16, deterministic, host staging)
+  against single-process flashattn on the unsharded sequence (fp32: relative error <= 1e-5) and against
+  the fp64 oracle by DESIGN §5's rule (out, dq, dk, dv).
+"""
+
+import os
+import tempfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import json  # noqa: E402
+
+import torch.multiprocessing as mp  # noqa: E402
+
+import flashattn  # noqa: E402
+from flashattn import context_parallel as cp  # noqa: E402
+from flashattn.context_parallel._schedule import ALL, BACK, FRONT, plan_step  # noqa: E402
+
+import context_parallel_cases as cases  # noqa: E402
+from torch_reference import atol_for  # noqa: E402
+
+# ---- the step plans (no processes) --------------------------------------------------------------
+
+
+def _local_rows(n, part):
+    half = n // 2
+    return {ALL: range(n), FRONT: range(half), BACK: range(half, n)}[part]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_plans_cover_exactly_the_visible_pairs(world, causal, layout):
+    """Over the ring, each (query, key) pair of the global sequence is computed once iff it is visible."""
+    chunk = 3
+    seqlen = chunk * (2 * world if layout == "zigzag" else world)
+    positions = [cp.sequence_positions(seqlen, r, world, layout).tolist() for r in range(world)]
+    computed = torch.zeros(seqlen, seqlen, dtype=torch.int32)
+    for rank in range(world):
+        work = []
+        for step in range(world):
+            source = (rank - step) % world
+            plan = plan_step(rank, source, causal, layout)
+            if plan is None:
+                work.append(0)
+                continue
+            n = len(positions[rank])
+            rows, cols = _local_rows(n, plan.queries), _local_rows(n, plan.keys)
+            assert not plan.causal or (plan.queries == ALL and plan.keys == ALL), plan
+            for i in rows:
+                for j in cols:
+                    if not plan.causal or j <= i:
+                        computed[positions[rank][i], positions[source][j]] += 1
+            work.append(len(rows) * len(cols))
+        if causal and layout == "zigzag" and world > 1:  # load balance: every rank, every step but the diagonal
+            assert work[1:] == [(seqlen // world) ** 2 // 2] * (world - 1)
+    visible = torch.ones(seqlen, seqlen, dtype=torch.int32)
+    if causal:
+        visible = visible.tril()
+    assert torch.equal(computed, visible)
+
+
+# ---- sharding helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_zigzag_shard_roundtrip(world):
+    x = torch.randn(2, 12 * world, 3, 5)
+    shards = [cp.zigzag_shard(x, r, world) for r in range(world)]
+    for r, shard in enumerate(shards):
+        assert torch.equal(shard, x.index_select(1, cp.sequence_positions(x.shape[1], r, world)))
+    assert torch.equal(cp.zigzag_unshard(shards), x)
+    y = x.transpose(1, 2).contiguous()  # another sequence dim
+    assert torch.equal(cp.zigzag_unshard([cp.zigzag_shard(y, r, world, dim=2) for r in range(world)], dim=2), y)
+    every = torch.cat([cp.sequence_positions(x.shape[1], r, world) for r in range(world)])
+    assert torch.equal(every.sort().values, torch.arange(x.shape[1]))  # each token on exactly one rank
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_zigzag_varlen_roundtrip(world):
+    lengths = [2 * world * n for n in (3, 0, 1, 4)]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    x = torch.randn(int(cu[-1]), 2, 3)
+    shards = [cp.zigzag_shard_varlen(x, cu, r, world) for r in range(world)]
+    local_cu, local_max = cp.local_cu_seqlens(cu, world)
+    assert local_cu.tolist() == [c // world for c in cu.tolist()] and local_max == max(lengths) // world
+    for r, shard in enumerate(shards):
+        assert shard.shape[0] == int(local_cu[-1])
+        for d in range(len(lengths)):  # document d's local tokens: chunks r and 2W-1-r of that document
+            a, b = cu[d].item(), cu[d + 1].item()
+            doc = x[a:b]
+            assert torch.equal(shard[local_cu[d]:local_cu[d + 1]], cp.zigzag_shard(doc[None], r, world)[0])
+    assert torch.equal(cp.zigzag_unshard_varlen(shards, cu), x)
+
+
+def test_sharding_errors_name_the_argument():
+    with pytest.raises(ValueError, match="'x'"):
+        cp.zigzag_shard(torch.randn(1, 6, 1, 1), 0, 2)
+    with pytest.raises(ValueError, match="'rank'"):
+        cp.zigzag_shard(torch.randn(1, 8, 1, 1), 2, 2)
+    with pytest.raises(ValueError, match="'seqlen'"):
+        cp.sequence_positions(9, 0, 2, "contiguous")
+    with pytest.raises(ValueError, match="'layout'"):
+        cp.sequence_positions(8, 0, 2, "striped")
+    with pytest.raises(ValueError, match="'cu_seqlens'"):
+        cp.varlen_positions([0, 4, 6], 0, 2)
+    with pytest.raises(ValueError, match="'cu_seqlens'"):
+        cp.local_cu_seqlens([0, 4, 7], 2)
+
+
+# ---- a 1-rank group in this process --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_rank_is_the_single_call(one_rank_group, causal):
+    """With one rank there is nothing to shift or merge: the ring returns the local kernels' results."""
+    q = torch.randn(2, 10, 4, 32, requires_grad=True)
+    k = torch.randn(2, 10, 2, 32, requires_grad=True)
+    v = torch.randn(2, 10, 2, 32, requires_grad=True)
+    dout = torch.randn(2, 10, 4, 32)
+    out, lse, _ = cp.ring_flash_attn_func(q, k, v, causal=causal, softcap=3.0, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_out, ref_lse, _ = flashattn.flash_attn_func(q, k, v, causal=causal, softcap=3.0, return_attn_probs=True)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    for ours, ref in zip(grads, ref_grads):
+        assert torch.equal(ours, ref)
+
+
+def test_one_rank_varlen_is_the_single_call(one_rank_group):
+    cu = torch.tensor([0, 6, 6, 16], dtype=torch.int32)
+    q = torch.randn(16, 4, 32, requires_grad=True)
+    k = torch.randn(16, 1, 32, requires_grad=True)
+    v = torch.randn(16, 1, 32, requires_grad=True)
+    out = cp.ring_flash_attn_varlen_func(q, k, v, cu, 10, causal=True)
+    ref = flashattn.flash_attn_varlen_func(q, k, v, cu, cu, 10, 10, causal=True)
+    assert torch.equal(out, ref)
+    dout = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert torch.equal(ours, theirs)
+
+
+def test_errors_name_the_argument(one_rank_group):
+    x = torch.randn(1, 8, 2, 16)
+    ring = cp.ring_flash_attn_func
+    with pytest.raises(NotImplementedError, match="'window_size'"):
+        ring(x, x, x, causal=True, window_size=(4, 0))
+    with pytest.raises(NotImplementedError, match="'alibi_slopes'"):
+        ring(x, x, x, alibi_slopes=torch.ones(2))
+    with pytest.raises(ValueError, match="'layout'"):
+        ring(x, x, x, causal=True, layout="striped")
+    with pytest.raises(ValueError, match="'q'"):
+        ring(x[:, :7], x[:, :7], x[:, :7], causal=True)  # zig-zag needs two equal local chunks
+    with pytest.raises(ValueError, match="'k'"):
+        ring(x, x[:, :6], x[:, :6], causal=True)
+    with pytest.raises(ValueError, match="'k'"):
+        ring(torch.randn(1, 8, 3, 16), x, x)  # 2 kv heads do not divide 3 query heads
+    with pytest.raises(ValueError, match="'k'"):
+        ring(x, x.double(), x.double())
+    with pytest.raises(ValueError, match="'v'"):
+        ring(x, x, x[:, :4])
+    with pytest.raises(ValueError, match="'group'"):
+        ring(x, x, x, group="world")
+    with pytest.raises(ValueError, match="'q'"):
+        ring(x[0], x, x)
+    p = torch.randn(12, 2, 16)
+    varlen = cp.ring_flash_attn_varlen_func
+    with pytest.raises(ValueError, match="'cu_seqlens'"):
+        varlen(p, p, p, torch.tensor([0, 5, 12], dtype=torch.int32), 7, causal=True)  # odd local document
+    with pytest.raises(ValueError, match="'cu_seqlens'"):
+        varlen(p, p, p, torch.tensor([0, 6, 12]), 6)  # int64
+    with pytest.raises(ValueError, match="'cu_seqlens'"):
+        varlen(p, p, p, torch.tensor([0, 6, 10], dtype=torch.int32), 6)  # does not end at the token count
+    with pytest.raises(ValueError, match="'max_seqlen'"):
+        varlen(p, p, p, torch.tensor([0, 4, 12], dtype=torch.int32), 6)
+
+
+# ---- 2 and 4 processes ---------------------------------------------------------------------------
+
+_RESULTS = {}
+
+
+def _ring_results(world):
+    """Spawns `world` ranks once; every case runs in them. {rank: {case: record}}."""
+    if world not in _RESULTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = "1"  # more ranks than cores: one thread each
+            try:
+                mp.spawn(cases.worker, args=(world, os.path.join(tmp, "store"), tmp,
+                                             [c["name"] for c in cases.CASES]), nprocs=world)
+            finally:
+                if saved is None:
+                    del os.environ["OMP_NUM_THREADS"]
+                else:
+                    os.environ["OMP_NUM_THREADS"] = saved
+            _RESULTS[world] = {r: json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)}
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in cases.CASES])
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_matches_single_process(world, name):
+    c = next(c for c in cases.CASES if c["name"] == name)
+    fp32 = c["dtype"] == "float32"
+    dtype = getattr(torch, c["dtype"])
+    for rank, results in _ring_results(world).items():
+        rec = results[name]
+        assert "exception" not in rec, f"rank {rank}:\n{rec.get('exception')}"
+        where = f"{name}, {world} ranks, rank {rank}"
+        assert rec["out_dtype"] == str(dtype) and rec["grad_dtypes"] == [str(dtype)] * 3, where
+        for what in ("out", "lse", "dq", "dk", "dv"):
+            if fp32 or what == "lse":  # fp32 (the LSE is fp32 always): the numerics rule's 1e-5
+                assert rec[f"{what}_vs_single"] <= 1e-5, f"{where}: {what} rel. error {rec[f'{what}_vs_single']:.3g}"
+        for what in ("out", "dq", "dk", "dv"):
+            atol = atol_for(dtype, grad=what != "out") * max(1.0, rec[f"{what}_oracle_max"])
+            err, base = rec[f"{what}_vs_oracle"], rec[f"{what}_standard_vs_oracle"]
+            assert err <= 2 * base + atol, f"{where}: {what} error {err:.3g} vs standard attention {base:.3g}"
+        if c["deterministic"]:
+            assert rec["bitwise_repeat"], f"{where}: a second run differs"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_errors(world):
+    for rank, results in _ring_results(world).items():
+        assert results["no_group"][0] == "ValueError" and "'group'" in results["no_group"][1]
+        step_error = results["errors"]["step_error"]
+        assert step_error is not None and step_error[0] == "ValueError" and "'q'" in step_error[1], step_error
+        assert results["errors"]["after_error_finite"], f"rank {rank}: the group was unusable after an error"
