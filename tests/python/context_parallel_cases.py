@@ -20,7 +20,7 @@ from torch_reference import max_err, oracle_dtype
 
 def case(name, **kw):
     base = dict(name=name, batch=2, chunk=5, heads=4, heads_k=2, d=32, causal=False, layout="zigzag", softcap=0.0,
-                dtype="float32", varlen=None, deterministic=False, staged=False)
+                dtype="float32", varlen=None, deterministic=False, staged=False, merge_slots=None)
     base.update(kw)
     return base
 
@@ -34,6 +34,7 @@ CASES = [
     case("dense-causal-zigzag-bf16", causal=True, dtype="bfloat16", chunk=8, d=64),
     case("dense-causal-deterministic", causal=True, deterministic=True),
     case("dense-causal-staged", causal=True, staged=True, batch=1),
+    case("dense-causal-3-merge-slots", causal=True, merge_slots=3),  # 4 ranks: the running-result rotation
     case("varlen", varlen=[3, 0, 5, 1], heads_k=4),
     case("varlen-causal-zigzag-gqa", varlen=[3, 0, 5, 1, 2], causal=True),
     case("varlen-causal-contiguous", varlen=[4, 2, 0, 3], causal=True, layout="contiguous", heads_k=1),
@@ -133,15 +134,16 @@ def run_case(c, rank, world):
     single = _single_process(c, q, k, v, dout, cu)
     ref = _textbook(c, q, k, v, dout, cu, oracle_dtype(q.dtype))
     base = _textbook(c, q, k, v, dout, cu, q.dtype)
+    original_ring, original_slots = cp._api.Ring, cp._merge.MAX_SLOTS
     if c["staged"]:
-        original = cp._api.Ring
-        cp._api.Ring = functools.partial(original, stage_through_host=True)
+        cp._api.Ring = functools.partial(original_ring, stage_through_host=True)
+    if c["merge_slots"]:
+        cp._merge.MAX_SLOTS = c["merge_slots"]
     try:
         pos, *ring = _ring(c, q, k, v, dout, cu, rank, world)
         again = _ring(c, q, k, v, dout, cu, rank, world)[1:] if c["deterministic"] else None
     finally:
-        if c["staged"]:
-            cp._api.Ring = original
+        cp._api.Ring, cp._merge.MAX_SLOTS = original_ring, original_slots
     dim = 1 if cu is None else 0
     shard = lambda x, d=dim: x.index_select(d, pos)  # noqa: E731
     record = {}

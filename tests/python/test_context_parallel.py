@@ -71,6 +71,45 @@ def test_plans_cover_exactly_the_visible_pairs(world, causal, layout):
     assert torch.equal(computed, visible)
 
 
+# ---- partial results and their merge (no processes) ---------------------------------------------
+
+
+@pytest.mark.parametrize("max_slots", [3, 4, 5])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 9])
+@pytest.mark.parametrize("packed", [False, True])
+def test_partial_results_merge_every_step(steps, max_slots, packed):
+    """Slots, folds and the final merge give the fp64 LSE merge of all partials; rows a step did not
+    write (LSE -inf, output left as it was: NaN here) contribute nothing."""
+    from flashattn.context_parallel._merge import PartialResults
+
+    out_shape, lse_shape = ((12, 3, 8), (3, 12)) if packed else ((2, 6, 3, 8), (2, 3, 6))
+    token_dim = 0 if packed else 1
+    partials = PartialResults(out_shape, lse_shape, torch.device("cpu"), steps, max_slots)
+    outs, lses = [], []
+    for step in range(steps):
+        out, lse = torch.randn(out_shape), torch.randn(lse_shape) * 4
+        if step % 2:  # odd steps compute half of the rows, like zig-zag steps
+            n = out_shape[token_dim]
+            rows = torch.arange(n // 2, n)
+            lse.index_fill_(-1, torch.arange(n // 2), float("-inf"))
+        else:
+            rows = torch.arange(out_shape[token_dim])
+        slot_out, slot_lse = partials.slot()
+        slot_out.fill_(float("nan"))  # what a recycled slot may hold
+        slot_out.index_copy_(token_dim, rows, out.index_select(token_dim, rows))
+        slot_lse.index_copy_(-1, rows, lse.index_select(-1, rows))
+        outs.append(out.double())
+        lses.append(lse.double())
+    merged, merged_lse = partials.result(torch.float32)
+    lse_all = torch.stack(lses)
+    ref_lse = torch.logsumexp(lse_all, 0)
+    weights = torch.exp(lse_all - ref_lse).nan_to_num(0.0)
+    weights = weights.transpose(-1, -2).unsqueeze(-1)  # (steps, ..., tokens, heads, 1) like the outputs
+    ref = (weights * torch.stack([o.nan_to_num(0.0) for o in outs])).sum(0)
+    assert torch.allclose(merged_lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(merged.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 # ---- sharding helpers ---------------------------------------------------------------------------
 
 

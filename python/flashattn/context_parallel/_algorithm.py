@@ -3,11 +3,11 @@
 Forward, on every rank, over W steps (W = ring size):
     shift = send (K, V) in hand to rank + 1, receive rank - 1's       (issued first: it overlaps the step)
     (O_s, LSE_s) = local attention of this rank's Q on the block in hand (the plan of _schedule.py)
-    (O, LSE) = merge((O, LSE), (O_s, LSE_s))                           (fp32; flashattn's merge)
+    keep (O_s, LSE_s) as an fp32 partial result                         (_merge.py: merged a few at a time)
     (K, V) = shift.wait()
-The first step is this rank's own block, which every query row sees (itself at least, when causal):
-it initialises (O, LSE). With W = 1 there is nothing to shift or merge and the result is the local
-kernel's, in its dtype.
+(O, LSE) = flashattn's LSE merge of the partials. The first step is this rank's own block, which every
+query row sees (itself at least, when causal), so no row ends without a key. With W = 1 there is
+nothing to shift or merge: the result is the local kernel's.
 
 Backward (standard ring-attention backward): each step recomputes its block's attention from the
 *global* O and LSE saved by the forward (the local kernels compute D = rowsum(dO * O) from the O they
@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._merge import PartialResults
 from ._schedule import plan_step
 
 
@@ -73,8 +74,10 @@ class _InFlight:
 def ring_forward(q, k, v, ring, tokens, options):
     """-> out (q's dtype), lse fp32, over the whole ring's keys."""
     world_size = ring.world_size
+    if world_size == 1:  # nothing to shift or merge: the local kernel's result as it is
+        return tokens.forward(q, k, v, plan_step(0, 0, options.causal, options.layout), options)
     in_flight = _InFlight()
-    out = lse = None
+    partials = None
     block = (k, v)
     try:
         for step in range(world_size):
@@ -82,16 +85,15 @@ def ring_forward(q, k, v, ring, tokens, options):
             plan = plan_step(ring.rank, ring.source(step), options.causal, options.layout)
             if plan is not None:
                 step_out, step_lse = tokens.forward(q, *block, plan, options)
-                if out is None:  # step 0: this rank's own block, all rows
-                    out, lse = _accumulator(step_out, world_size), step_lse
-                else:
-                    tokens.merge(out, lse, step_out, step_lse, plan.queries)
+                if partials is None:  # shapes known now (d_v is v's head dim)
+                    partials = PartialResults(step_out.shape, step_lse.shape, q.device, world_size)
+                tokens.write(*partials.slot(), step_out, step_lse, plan.queries)
             if shift is not None:
                 block = in_flight.finish(shift)
     except BaseException:
         in_flight.drain()
         raise
-    return out.to(q.dtype), lse
+    return partials.result(q.dtype)
 
 
 def ring_backward(dout, q, k, v, out, lse, ring, tokens, options):

@@ -1,12 +1,13 @@
 """The two token layouts the ring runs over, behind one interface: where the tokens of a tensor are,
 how to take the front or back half of every local sequence (zig-zag steps use halves), which of
-flashattn's kernels a step calls, and how a step's rows are added or merged into the running result.
+flashattn's kernels a step calls, and how a step's rows are added into the gradients or written into
+a partial-result slot.
 
 - DenseTokens: q/k/v (batch, seqlen, heads, d), lse (batch, heads, seqlen). Halves are slices (views).
 - VarlenTokens: packed q/k/v (total, heads, d) with cu_seqlens, lse (heads, total). The halves of
   the packed documents are not contiguous: they are gathered (index_select) into packed tensors of
-  their own with halved cu_seqlens, and the step's rows are scattered back. A gather copies O(tokens)
-  next to the step's O(tokens^2) attention.
+  their own with halved cu_seqlens, and the step's rows are scattered back (index_copy_/index_add_:
+  every index once, so deterministic). A gather copies O(tokens) next to the step's O(tokens^2) attention.
 
 The local kernels are the functions behind torch.ops.flashattn.fwd/bwd/varlen_fwd/varlen_bwd (the
 same code the operators run, without the dispatcher's per-call boxing and register_autograd's
@@ -18,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from .._torch_ops import _bwd_kernel, _fwd_kernel, _varlen_bwd_kernel, _varlen_fwd_kernel
-from ._merge import merge_into
 from ._schedule import ALL, BACK, FRONT
 
 _NO_WINDOW = (-1, -1)  # windows and ALiBi need global positions: refused before the ring starts
@@ -50,8 +50,10 @@ class DenseTokens:
     def add(self, acc, x, part):
         self.rows(acc, part).add_(x)
 
-    def merge(self, acc_out, acc_lse, out, lse, part):
-        merge_into(self.rows(acc_out, part), self.rows(acc_lse, part, lse=True), out, lse)
+    def write(self, slot_out, slot_lse, out, lse, part):
+        """A step's (out, lse) of the rows `part` into a partial-result slot (fp32)."""
+        self.rows(slot_out, part).copy_(out)
+        self.rows(slot_lse, part, lse=True).copy_(lse)
 
 
 class VarlenTokens:
@@ -100,13 +102,10 @@ class VarlenTokens:
         else:  # every index once: one addition per element, in a fixed order
             acc.index_add_(0, self._index[part], x.to(acc.dtype))
 
-    def merge(self, acc_out, acc_lse, out, lse, part):
-        # merge_into wants (batch, seqlen, heads, d) and (batch, heads, seqlen): packed tokens are batch 1
+    def write(self, slot_out, slot_lse, out, lse, part):
         if part == ALL:
-            merge_into(acc_out[None], acc_lse[None], out[None], lse[None])
-            return
-        index = self._index[part]
-        rows_out, rows_lse = acc_out.index_select(0, index), acc_lse.index_select(1, index)
-        merge_into(rows_out[None], rows_lse[None], out[None], lse[None])
-        acc_out.index_copy_(0, index, rows_out)
-        acc_lse.index_copy_(1, index, rows_lse)
+            slot_out.copy_(out)
+            slot_lse.copy_(lse)
+        else:
+            slot_out.index_copy_(0, self._index[part], out.to(slot_out.dtype))
+            slot_lse.index_copy_(1, self._index[part], lse)
