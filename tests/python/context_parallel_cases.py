@@ -135,15 +135,19 @@ def run_case(c, rank, world):
     ref = _textbook(c, q, k, v, dout, cu, oracle_dtype(q.dtype))
     base = _textbook(c, q, k, v, dout, cu, q.dtype)
     original_ring, original_slots = cp._api.Ring, cp._merge.MAX_SLOTS
-    if c["staged"]:
+    if c["staged"]:  # a fresh Ring that stages through host buffers, as for CUDA tensors over gloo
+        cp._api._rings.clear()
         cp._api.Ring = functools.partial(original_ring, stage_through_host=True)
     if c["merge_slots"]:
         cp._merge.MAX_SLOTS = c["merge_slots"]
     try:
         pos, *ring = _ring(c, q, k, v, dout, cu, rank, world)
         again = _ring(c, q, k, v, dout, cu, rank, world)[1:] if c["deterministic"] else None
+        staged = [r.stage_through_host for r in cp._api._rings.values()]
     finally:
         cp._api.Ring, cp._merge.MAX_SLOTS = original_ring, original_slots
+        if c["staged"]:
+            cp._api._rings.clear()
     dim = 1 if cu is None else 0
     shard = lambda x, d=dim: x.index_select(d, pos)  # noqa: E731
     record = {}
@@ -155,6 +159,7 @@ def run_case(c, rank, world):
         record[f"{name}_vs_oracle"] = max_err(ours, shard(r))
         record[f"{name}_standard_vs_oracle"] = max_err(shard(b), shard(r))
         record[f"{name}_oracle_max"] = shard(r).abs().max().item()
+    record["staged"] = staged
     record["dtype"] = c["dtype"]
     record["out_dtype"] = str(ring[0].dtype)
     record["grad_dtypes"] = [str(g.dtype) for g in ring[2:]]

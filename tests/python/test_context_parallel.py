@@ -280,6 +280,7 @@ def test_ring_matches_single_process(world, name):
             assert err <= 2 * base + atol, f"{where}: {what} error {err:.3g} vs standard attention {base:.3g}"
         if c["deterministic"]:
             assert rec["bitwise_repeat"], f"{where}: a second run differs"
+        assert rec["staged"] == [c["staged"]], f"{where}: ring staging {rec['staged']}"
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -55,6 +55,20 @@ def _check_common(q, k, v, window_size, alibi_slopes, layout, softcap, group):
         raise error("k", f"a head count dividing the {heads} query heads (GQA/MQA)", str(heads_k))
 
 
+_rings = {}
+
+
+def _ring_for(group, device):
+    """The Ring of (group, device), made once: its queries of the process group cost ~20 us a call. A
+    destroyed and re-created default group is a new object, hence a new entry."""
+    group = dist.group.WORLD if group is None else group
+    key = (group, device)
+    ring = _rings.get(key)
+    if ring is None:
+        ring = _rings[key] = Ring(group, device)
+    return ring
+
+
 def _options(softmax_scale, causal, layout, softcap, deterministic):
     return Options(None if softmax_scale is None else float(softmax_scale), bool(causal), layout, float(softcap),
                    bool(deterministic))
@@ -91,8 +105,7 @@ def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, 
             raise error("k", f"q's local seqlen {q.shape[1]} (causal: q and k are the same tokens)", str(k.shape[1]))
         if layout == "zigzag" and q.shape[1] % 2:
             raise error("q", "an even local seqlen (zig-zag: two equal chunks per rank)", str(q.shape[1]))
-    ring = Ring(group, q.device)
-    out, lse = RingAttention.apply(q, k, v, ring, DenseTokens(),
+    out, lse = RingAttention.apply(q, k, v, _ring_for(group, q.device), DenseTokens(),
                                    _options(softmax_scale, causal, layout, softcap, deterministic))
     return (out, lse, None) if return_attn_probs else out
 
@@ -142,7 +155,7 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, group=None, sof
         if halves and odd:
             raise error("cu_seqlens", "an even local length for every document (zig-zag: two equal chunks per rank)",
                         f"odd lengths for documents {odd[:8]}")
-    ring = Ring(group, q.device)
     tokens = VarlenTokens(cu_seqlens, max_seqlen, halves)
-    out, lse = RingAttention.apply(q, k, v, ring, tokens, _options(softmax_scale, causal, layout, softcap, deterministic))
+    out, lse = RingAttention.apply(q, k, v, _ring_for(group, q.device), tokens,
+                                   _options(softmax_scale, causal, layout, softcap, deterministic))
     return (out, lse, None) if return_attn_probs else out
