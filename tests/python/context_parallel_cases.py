@@ -104,7 +104,7 @@ def _textbook(c, q, k, v, dout, cu, dtype):
     return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
 
 
-def _ring(c, q, k, v, dout, cu, rank, world):
+def _ring(c, q, k, v, dout, cu, rank, world, group=None):
     """This rank's shard through the ring: positions, out, lse, dq, dk, dv."""
     if cu is None:
         pos = cp.sequence_positions(q.shape[1], rank, world, c["layout"])
@@ -114,7 +114,7 @@ def _ring(c, q, k, v, dout, cu, rank, world):
         take = functools.partial(torch.index_select, dim=0, index=pos)
     ql, kl, vl = (take(x).detach().requires_grad_() for x in (q, k, v))
     kw = dict(causal=c["causal"], softcap=c["softcap"], layout=c["layout"], deterministic=c["deterministic"],
-              return_attn_probs=True)
+              return_attn_probs=True, group=group)
     if cu is None:
         out, lse, _ = cp.ring_flash_attn_func(ql, kl, vl, **kw)
     else:
@@ -128,7 +128,7 @@ def _rel(x, ref):
     return max_err(x, ref) / max(scale, 1e-30)
 
 
-def run_case(c, rank, world):
+def run_case(c, rank, world, group=None):
     gen = torch.Generator().manual_seed(1234 + len(c["name"]) * 7 + world)  # same full inputs on every rank
     q, k, v, dout, cu = _full_inputs(c, world, gen)
     single = _single_process(c, q, k, v, dout, cu)
@@ -141,9 +141,9 @@ def run_case(c, rank, world):
     if c["merge_slots"]:
         cp._merge.MAX_SLOTS = c["merge_slots"]
     try:
-        pos, *ring = _ring(c, q, k, v, dout, cu, rank, world)
-        again = _ring(c, q, k, v, dout, cu, rank, world)[1:] if c["deterministic"] else None
-        staged = [r.stage_through_host for r in cp._api._rings.values()]
+        pos, *ring = _ring(c, q, k, v, dout, cu, rank, world, group)
+        again = _ring(c, q, k, v, dout, cu, rank, world, group)[1:] if c["deterministic"] else None
+        staged = cp._api._ring_for(group, q.device).stage_through_host
     finally:
         cp._api.Ring, cp._merge.MAX_SLOTS = original_ring, original_slots
         if c["staged"]:
@@ -176,13 +176,24 @@ def _error_of(fn):
     return None
 
 
-def run_error_cases(rank, world):
-    """Errors raised inside a ring step, on every rank alike, leave the group usable."""
+SUBGROUP_CASE = case("subgroup-causal-zigzag", causal=True)
+
+
+def run_group_cases(rank, world):
+    """Errors raised inside a ring step, on every rank alike, leave the group usable; a ring over a
+    subgroup (global ranks 1..W-1: its ring neighbours are not global rank +- 1) matches too, and the
+    rank outside it gets a clear error."""
     q = torch.randn(1, 4, 2, 320)  # head dim 320: the C++ library refuses it inside step 0
     err = _error_of(lambda: cp.ring_flash_attn_func(q, q, q))
     x = torch.randn(1, 4, 2, 16)
     out = cp.ring_flash_attn_func(x, x, x, causal=True)  # the group still works after the failed call
-    return {"step_error": err, "after_error_finite": bool(torch.isfinite(out).all())}
+    results = {"step_error": err, "after_error_finite": bool(torch.isfinite(out).all())}
+    sub = dist.new_group(list(range(1, world)))
+    if rank == 0:
+        results["non_member"] = _error_of(lambda: cp.ring_flash_attn_func(x, x, x, group=sub))
+    else:
+        results["subgroup"] = run_case(SUBGROUP_CASE, dist.get_rank(sub), dist.get_world_size(sub), sub)
+    return results
 
 
 def worker(rank, world, store_path, result_dir, names):
@@ -199,7 +210,7 @@ def worker(rank, world, store_path, result_dir, names):
                     results[c["name"]] = run_case(c, rank, world)
                 except Exception:  # every rank fails alike for a bad case: record it, go on
                     results[c["name"]] = {"exception": traceback.format_exc()}
-        results["errors"] = run_error_cases(rank, world)
+        results["errors"] = run_group_cases(rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -260,27 +260,40 @@ def _ring_results(world):
     return _RESULTS[world]
 
 
+def _check_record(c, rec, where):
+    fp32 = c["dtype"] == "float32"
+    dtype = getattr(torch, c["dtype"])
+    assert "exception" not in rec, f"{where}:\n{rec.get('exception')}"
+    assert rec["out_dtype"] == str(dtype) and rec["grad_dtypes"] == [str(dtype)] * 3, where
+    for what in ("out", "lse", "dq", "dk", "dv"):
+        if fp32 or what == "lse":  # fp32 (the LSE is fp32 always): the numerics rule's 1e-5
+            assert rec[f"{what}_vs_single"] <= 1e-5, f"{where}: {what} rel. error {rec[f'{what}_vs_single']:.3g}"
+    for what in ("out", "dq", "dk", "dv"):
+        atol = atol_for(dtype, grad=what != "out") * max(1.0, rec[f"{what}_oracle_max"])
+        err, base = rec[f"{what}_vs_oracle"], rec[f"{what}_standard_vs_oracle"]
+        assert err <= 2 * base + atol, f"{where}: {what} error {err:.3g} vs standard attention {base:.3g}"
+    if c["deterministic"]:
+        assert rec["bitwise_repeat"], f"{where}: a second run differs"
+    assert rec["staged"] == c["staged"], f"{where}: ring staging {rec['staged']}"
+
+
 @pytest.mark.parametrize("name", [c["name"] for c in cases.CASES])
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_single_process(world, name):
     c = next(c for c in cases.CASES if c["name"] == name)
-    fp32 = c["dtype"] == "float32"
-    dtype = getattr(torch, c["dtype"])
     for rank, results in _ring_results(world).items():
-        rec = results[name]
-        assert "exception" not in rec, f"rank {rank}:\n{rec.get('exception')}"
-        where = f"{name}, {world} ranks, rank {rank}"
-        assert rec["out_dtype"] == str(dtype) and rec["grad_dtypes"] == [str(dtype)] * 3, where
-        for what in ("out", "lse", "dq", "dk", "dv"):
-            if fp32 or what == "lse":  # fp32 (the LSE is fp32 always): the numerics rule's 1e-5
-                assert rec[f"{what}_vs_single"] <= 1e-5, f"{where}: {what} rel. error {rec[f'{what}_vs_single']:.3g}"
-        for what in ("out", "dq", "dk", "dv"):
-            atol = atol_for(dtype, grad=what != "out") * max(1.0, rec[f"{what}_oracle_max"])
-            err, base = rec[f"{what}_vs_oracle"], rec[f"{what}_standard_vs_oracle"]
-            assert err <= 2 * base + atol, f"{where}: {what} error {err:.3g} vs standard attention {base:.3g}"
-        if c["deterministic"]:
-            assert rec["bitwise_repeat"], f"{where}: a second run differs"
-        assert rec["staged"] == [c["staged"]], f"{where}: ring staging {rec['staged']}"
+        _check_record(c, results[name], f"{name}, {world} ranks, rank {rank}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_over_a_subgroup(world):
+    """Global ranks 1..W-1 as the ring: its neighbours are found through the group, not global rank +- 1."""
+    for rank, results in _ring_results(world).items():
+        if rank == 0:
+            error = results["errors"]["non_member"]
+            assert error is not None and error[0] == "ValueError" and "'group'" in error[1], error
+        else:
+            _check_record(cases.SUBGROUP_CASE, results["errors"]["subgroup"], f"subgroup of {world - 1}, rank {rank}")
 
 
 @pytest.mark.parametrize("world", [2, 4])

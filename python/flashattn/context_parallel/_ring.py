@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._checks import error
 from ._schedule import ring_source
 
 
@@ -40,6 +41,8 @@ class Ring:
         group = dist.group.WORLD if group is None else group
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise error("group", "a process group this rank belongs to", f"a group without global rank {dist.get_rank()}")
         self.world_size = dist.get_world_size(group)
         self.device = device
         # P2POp takes global ranks
