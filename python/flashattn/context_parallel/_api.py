@@ -1,5 +1,10 @@
-"""The public ring-attention functions: argument checks (all made before any block is sent, with the
-same outcome on every rank for the same shapes), then the autograd Function of _algorithm.py."""
+"""The public ring-attention functions: argument checks, then the autograd Function of _algorithm.py.
+
+The checks are made before any block is sent and come out the same on every rank for the same shapes.
+What only the C++ library checks (e.g. a head dim it has no kernel for) raises inside the first ring
+step, on every rank alike; the transfers already started are waited for first, so the group stays
+usable. Shapes that differ between ranks cannot be detected without a collective and make the
+transfers fail or hang: every rank must pass the same shapes."""
 
 from __future__ import annotations
 
