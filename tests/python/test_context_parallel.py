@@ -71,6 +71,75 @@ def test_plans_cover_exactly_the_visible_pairs(world, causal, layout):
     assert torch.equal(computed, visible)
 
 
+# ---- the overlap: every transfer is issued before the step it overlaps (no processes) ----------
+
+
+class _LoggingRing:
+    """A ring of `world_size` ranks seen from `rank`, whose shifts hand back what they sent (every rank
+    holding the same tensors) and log when they start and end."""
+
+    def __init__(self, rank, world_size, log):
+        self.rank, self.world_size, self.log = rank, world_size, log
+
+    def source(self, step):
+        return (self.rank - step) % self.world_size
+
+    def shift(self, tensors):
+        ring, index = self, sum(1 for e in self.log if e[0] == "start")
+        self.log.append(("start", index))
+
+        class _Shift:
+            def wait(self):
+                ring.log.append(("wait", index))
+                return [t.clone() for t in tensors]
+
+        return _Shift()
+
+
+class _LoggingTokens:
+    """DenseTokens that log each step's local call."""
+
+    def __init__(self, log):
+        from flashattn.context_parallel._tokens import DenseTokens
+
+        self.dense, self.log = DenseTokens(), log
+
+    def forward(self, *args):
+        self.log.append(("compute",))
+        return self.dense.forward(*args)
+
+    def backward(self, *args):
+        self.log.append(("compute",))
+        return self.dense.backward(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.dense, name)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_transfers_overlap_the_steps(world):
+    """Forward: step s starts the shift of its block before its attention and waits after it. Backward:
+    the same for K/V, and the dK/dV accumulator of step s is sent right after it is complete (waited for
+    at step s + 1, after that step's attention): no transfer is waited for before the compute it hides
+    behind has been issued."""
+    from flashattn.context_parallel._algorithm import Options, ring_backward, ring_forward
+
+    log = []
+    ring, tokens = _LoggingRing(1, world, log), _LoggingTokens(log)
+    options = Options(None, True, "zigzag", 0.0, False)
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    out, lse = ring_forward(q, k, v, ring, tokens, options)
+    kinds = [e[0] for e in log]
+    assert kinds == ["start", "compute", "wait"] * (world - 1) + ["compute"], kinds
+    log.clear()
+    ring_backward(torch.randn_like(out), q, k, v, out, lse, ring, tokens, options)
+    kinds = [e[0] for e in log]
+    # step 0: start K/V, compute, start dK/dV, wait K/V; steps 1..W-2: start K/V, compute, wait the
+    # previous dK/dV, start this step's, wait K/V; the last step has no K/V shift; then the final pass
+    middle = ["start", "compute", "wait", "start", "wait"] * (world - 2)
+    assert kinds == ["start", "compute", "start", "wait"] + middle + ["compute", "wait", "start", "wait"], kinds
+
+
 # ---- partial results and their merge (no processes) ---------------------------------------------
 
 
