@@ -20,7 +20,7 @@ from torch_reference import max_err, oracle_dtype
 
 def case(name, **kw):
     base = dict(name=name, batch=2, chunk=5, heads=4, heads_k=2, d=32, causal=False, layout="zigzag", softcap=0.0,
-                dtype="float32", varlen=None, deterministic=False, staged=False, merge_slots=None)
+                dtype="float32", varlen=None, deterministic=False, staged=False, merge_slots=None, window=(-1, -1))
     base.update(kw)
     return base
 
@@ -35,6 +35,9 @@ CASES = [
     case("dense-causal-deterministic", causal=True, deterministic=True),
     case("dense-causal-staged", causal=True, staged=True, batch=1),
     case("dense-causal-3-merge-slots", causal=True, merge_slots=3),  # 4 ranks: the running-result rotation
+    case("dense-causal-zigzag-window", causal=True, window=(6, 0)),  # across chunk and rank boundaries
+    case("dense-zigzag-window-both-sides", window=(4, 3), chunk=4, softcap=5.0),
+    case("dense-causal-contiguous-window", causal=True, layout="contiguous", window=(9, 0), chunk=6, heads_k=1),
     case("varlen", varlen=[3, 0, 5, 1], heads_k=4),
     case("varlen-causal-zigzag-gqa", varlen=[3, 0, 5, 1, 2], causal=True),
     case("varlen-causal-contiguous", varlen=[4, 2, 0, 3], causal=True, layout="contiguous", heads_k=1),
@@ -65,7 +68,7 @@ def _single_process(c, q, k, v, dout, cu):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     if cu is None:
         out, lse, _ = flashattn.flash_attn_func(q, k, v, causal=c["causal"], softcap=c["softcap"],
-                                                return_attn_probs=True)
+                                                window_size=c["window"], return_attn_probs=True)
     else:
         m = int((cu[1:] - cu[:-1]).max())
         out, lse, _ = flashattn.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=c["causal"], softcap=c["softcap"],
@@ -73,7 +76,7 @@ def _single_process(c, q, k, v, dout, cu):
     return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
 
 
-def _attention(q, k, v, causal, softcap, dtype):
+def _attention(q, k, v, causal, softcap, dtype, window=(-1, -1)):
     """The textbook attention, S and P materialised, with matmuls in `dtype` and the softmax in fp32 (fp64
     when dtype is fp64): the fp64 oracle, or the standard attention in the input dtype (DESIGN §5)."""
     h, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -82,9 +85,16 @@ def _attention(q, k, v, causal, softcap, dtype):
     s = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    left, right = window
     if causal:  # q and k are the same tokens: the diagonal
-        n = q.shape[1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        right = 0
+    i, j = torch.arange(q.shape[1])[:, None], torch.arange(k.shape[1])[None, :]
+    hidden = torch.zeros(q.shape[1], k.shape[1], dtype=torch.bool)
+    if right >= 0:
+        hidden |= j > i + right
+    if left >= 0:
+        hidden |= j < i - left
+    s = s.masked_fill(hidden, float("-inf"))
     p = torch.softmax(s if dtype == torch.float64 else s.float(), dim=-1).to(dtype)
     return torch.einsum("bhij,bjhd->bihd", p, v)
 
@@ -94,7 +104,7 @@ def _textbook(c, q, k, v, dout, cu, dtype):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
 
     def one(qs, ks, vs):
-        return _attention(qs, ks, vs, c["causal"], c["softcap"], dtype)
+        return _attention(qs, ks, vs, c["causal"], c["softcap"], dtype, c["window"])
 
     if cu is None:
         out = one(q, k, v)
@@ -115,6 +125,8 @@ def _ring(c, q, k, v, dout, cu, rank, world, group=None):
     ql, kl, vl = (take(x).detach().requires_grad_() for x in (q, k, v))
     kw = dict(causal=c["causal"], softcap=c["softcap"], layout=c["layout"], deterministic=c["deterministic"],
               return_attn_probs=True, group=group)
+    if c["window"] != (-1, -1):
+        kw["window_size"] = c["window"]
     if cu is None:
         out, lse, _ = cp.ring_flash_attn_func(ql, kl, vl, **kw)
     else:

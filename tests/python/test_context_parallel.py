@@ -25,7 +25,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import flashattn  # noqa: E402
 from flashattn import context_parallel as cp  # noqa: E402
-from flashattn.context_parallel._schedule import ALL, BACK, FRONT, plan_step  # noqa: E402
+from flashattn.context_parallel._schedule import ALL, BACK, FRONT, step_calls  # noqa: E402
 
 import context_parallel_cases as cases  # noqa: E402
 from torch_reference import atol_for  # noqa: E402
@@ -34,41 +34,62 @@ from torch_reference import atol_for  # noqa: E402
 
 
 def _local_rows(n, part):
+    if isinstance(part, slice):
+        return range(n)[part]
     half = n // 2
     return {ALL: range(n), FRONT: range(half), BACK: range(half, n)}[part]
 
 
+def _kernel_sees(i, j, sq, sk, causal, window):
+    """flashattn's mask inside one call: bottom-right aligned causal/window (DESIGN §2)."""
+    left, right = window
+    if causal:
+        right = 0
+    diag = i + sk - sq
+    return (right < 0 or j <= diag + right) and (left < 0 or j >= diag - left)
+
+
+WINDOWS = [(-1, -1), (0, 0), (2, 0), (5, 3), (7, -1), (-1, 4), (20, 20)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
-def test_plans_cover_exactly_the_visible_pairs(world, causal, layout):
-    """Over the ring, each (query, key) pair of the global sequence is computed once iff it is visible."""
+def test_plans_cover_exactly_the_visible_pairs(world, causal, layout, window):
+    """Over the ring, each (query, key) pair of the global sequence is computed once iff it is visible
+    (causal and window by global position, bottom-right = the diagonal: q and k are the same tokens)."""
     chunk = 3
     seqlen = chunk * (2 * world if layout == "zigzag" else world)
+    local = seqlen // world
     positions = [cp.sequence_positions(seqlen, r, world, layout).tolist() for r in range(world)]
     computed = torch.zeros(seqlen, seqlen, dtype=torch.int32)
     for rank in range(world):
         work = []
         for step in range(world):
             source = (rank - step) % world
-            plan = plan_step(rank, source, causal, layout)
-            if plan is None:
-                work.append(0)
-                continue
-            n = len(positions[rank])
-            rows, cols = _local_rows(n, plan.queries), _local_rows(n, plan.keys)
-            assert not plan.causal or (plan.queries == ALL and plan.keys == ALL), plan
-            for i in rows:
-                for j in cols:
-                    if not plan.causal or j <= i:
-                        computed[positions[rank][i], positions[source][j]] += 1
-            work.append(len(rows) * len(cols))
-        if causal and layout == "zigzag" and world > 1:  # load balance: every rank, every step but the diagonal
-            assert work[1:] == [(seqlen // world) ** 2 // 2] * (world - 1)
-    visible = torch.ones(seqlen, seqlen, dtype=torch.int32)
+            done = 0
+            for call in step_calls(rank, source, world, local, causal, layout, window):
+                rows, cols = _local_rows(local, call.queries), _local_rows(local, call.keys)
+                for a, i in enumerate(rows):
+                    for b, j in enumerate(cols):
+                        if _kernel_sees(a, b, len(rows), len(cols), call.causal, call.window):
+                            computed[positions[rank][i], positions[source][j]] += 1
+                done += len(rows) * len(cols)
+            work.append(done)
+        if causal and layout == "zigzag" and world > 1 and window == (-1, -1):  # load balance: every step the same
+            assert work[1:] == [local * local // 2] * (world - 1)
+    i = torch.arange(seqlen)[:, None]
+    j = torch.arange(seqlen)[None, :]
+    left, right = window
     if causal:
-        visible = visible.tril()
-    assert torch.equal(computed, visible)
+        right = 0
+    visible = torch.ones(seqlen, seqlen, dtype=torch.bool)
+    if right >= 0:
+        visible &= j <= i + right
+    if left >= 0:
+        visible &= j >= i - left
+    assert torch.equal(computed, visible.to(torch.int32))
 
 
 # ---- the overlap: every transfer is issued before the step it overlaps (no processes) ----------
@@ -258,6 +279,23 @@ def test_one_rank_is_the_single_call(one_rank_group, causal):
         assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("causal,window", [(True, (5, 0)), (False, (3, 6))])
+def test_one_rank_window(one_rank_group, causal, window, layout):
+    """A window on one rank: zig-zag plans one call per chunk pair (merged partials, summed gradients)."""
+    q = torch.randn(2, 16, 4, 32, requires_grad=True)
+    k = torch.randn(2, 16, 2, 32, requires_grad=True)
+    v = torch.randn(2, 16, 2, 32, requires_grad=True)
+    dout = torch.randn(2, 16, 4, 32)
+    out, lse, _ = cp.ring_flash_attn_func(q, k, v, causal=causal, window_size=window, layout=layout,
+                                          return_attn_probs=True)
+    ref, ref_lse, _ = flashattn.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+    pairs = [(out, ref), (lse, ref_lse)]
+    pairs += list(zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)))
+    for ours, theirs in pairs:
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
 def test_one_rank_varlen_is_the_single_call(one_rank_group):
     cu = torch.tensor([0, 6, 6, 16], dtype=torch.int32)
     q = torch.randn(16, 4, 32, requires_grad=True)
@@ -274,8 +312,10 @@ def test_one_rank_varlen_is_the_single_call(one_rank_group):
 def test_errors_name_the_argument(one_rank_group):
     x = torch.randn(1, 8, 2, 16)
     ring = cp.ring_flash_attn_func
-    with pytest.raises(NotImplementedError, match="'window_size'"):
-        ring(x, x, x, causal=True, window_size=(4, 0))
+    with pytest.raises(ValueError, match="'window_size'"):
+        ring(x, x, x, causal=True, window_size=(4, -2))
+    with pytest.raises(ValueError, match="'k'"):
+        ring(x, x[:, :6], x[:, :6], window_size=(4, 4))  # a window follows positions: q and k the same tokens
     with pytest.raises(NotImplementedError, match="'alibi_slopes'"):
         ring(x, x, x, alibi_slopes=torch.ones(2))
     with pytest.raises(ValueError, match="'layout'"):
@@ -304,6 +344,8 @@ def test_errors_name_the_argument(one_rank_group):
         varlen(p, p, p, torch.tensor([0, 6, 10], dtype=torch.int32), 6)  # does not end at the token count
     with pytest.raises(ValueError, match="'max_seqlen'"):
         varlen(p, p, p, torch.tensor([0, 4, 12], dtype=torch.int32), 6)
+    with pytest.raises(NotImplementedError, match="'window_size'"):
+        varlen(p, p, p, torch.tensor([0, 6, 12], dtype=torch.int32), 6, causal=True, window_size=(3, 0))
 
 
 # ---- 2 and 4 processes ---------------------------------------------------------------------------

@@ -16,9 +16,9 @@ The backward passes dK/dV accumulators around the ring with their blocks. Causal
 balanced by zig-zag sharding (zigzag_shard / zigzag_unshard; the `layout` argument). Packed
 documents: ring_flash_attn_varlen_func, zigzag_shard_varlen, local_cu_seqlens.
 
-What is not there: sliding windows and ALiBi (NotImplementedError naming the argument: both depend on
-global positions), dropout. docs/context-parallelism.md: communication volume, when compute hides it,
-scaling to many nodes.
+Sliding windows follow global positions (dense batches; planned chunk pair by chunk pair). Not there:
+ALiBi and windows over packed documents (NotImplementedError naming the argument), dropout.
+docs/context-parallelism.md: communication volume, when compute hides it, scaling to many nodes.
 """
 
 from ._api import ring_flash_attn_func, ring_flash_attn_varlen_func

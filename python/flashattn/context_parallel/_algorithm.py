@@ -2,18 +2,19 @@
 
 Forward, on every rank, over W steps (W = ring size):
     shift = send (K, V) in hand to rank + 1, receive rank - 1's       (issued first: it overlaps the step)
-    (O_s, LSE_s) = local attention of this rank's Q on the block in hand (the plan of _schedule.py)
+    (O_s, LSE_s) = local attention of this rank's Q on the block in hand (the calls of _schedule.py:
+                   one, or with a sliding window one per visible chunk pair)
     keep (O_s, LSE_s) as an fp32 partial result                         (_merge.py: merged a few at a time)
     (K, V) = shift.wait()
 (O, LSE) = flashattn's LSE merge of the partials. The first step is this rank's own block, which every
 query row sees (itself at least, when causal), so no row ends without a key. With W = 1 there is
-nothing to shift or merge: the result is the local kernel's.
+nothing to shift or merge (and, without a window, one call): the result is the local kernel's.
 
 Backward (standard ring-attention backward): each step recomputes its block's attention from the
 *global* O and LSE saved by the forward (the local kernels compute D = rowsum(dO * O) from the O they
 are given, and P = exp(S - LSE) with the global LSE, so every step's gradients are exactly that
 block's share of the full attention's gradients):
-    dQ        accumulates on this rank (fp32 when W > 1)
+    dQ        accumulates on this rank (fp32; one rank with one call: the kernel's dQ as it is)
     dK, dV    an fp32 accumulator travels with each K/V block: at step s this rank holds the block of
               rank r - s and its accumulator (received from rank r - 1, which added its share at step
               s - 1), adds its own share and passes it on to rank r + 1. After the W-th pass every
@@ -29,7 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._merge import PartialResults
-from ._schedule import plan_step
+from ._schedule import step_calls
 
 
 class Options(NamedTuple):
@@ -38,12 +39,14 @@ class Options(NamedTuple):
     layout: str
     softcap: float
     deterministic: bool
+    window: tuple = (-1, -1)  # global (left, right); dense batches only
 
 
-def _accumulator(x, world_size):
-    """The first step's result as the running accumulator: fp32 when other steps will add to it (a
-    kernel output already in fp32 is used as it is: it is fresh and nobody else holds it)."""
-    return x if world_size == 1 else x.to(torch.float32)
+def _plans(q, ring, options):
+    """The local calls of every ring step (step_calls of _schedule.py)."""
+    seqlen = q.shape[1] if q.dim() == 4 else None  # windows (dense only) are planned on the local seqlen
+    return [step_calls(ring.rank, ring.source(step), ring.world_size, seqlen, options.causal, options.layout,
+                       options.window) for step in range(ring.world_size)]
 
 
 class _InFlight:
@@ -74,20 +77,22 @@ class _InFlight:
 def ring_forward(q, k, v, ring, tokens, options):
     """-> out (q's dtype), lse fp32, over the whole ring's keys."""
     world_size = ring.world_size
-    if world_size == 1:  # nothing to shift or merge: the local kernel's result as it is
-        return tokens.forward(q, k, v, plan_step(0, 0, options.causal, options.layout), options)
+    plans = _plans(q, ring, options)
+    calls = sum(len(plan) for plan in plans)
+    if world_size == 1 and calls == 1:  # nothing to shift or merge: the local kernel's result as it is
+        return tokens.forward(q, k, v, plans[0][0], options)
     in_flight = _InFlight()
     partials = None
     block = (k, v)
     try:
         for step in range(world_size):
             shift = in_flight.start(ring.shift(block)) if step + 1 < world_size else None
-            plan = plan_step(ring.rank, ring.source(step), options.causal, options.layout)
-            if plan is not None:
-                step_out, step_lse = tokens.forward(q, *block, plan, options)
+            for call in plans[step]:
+                step_out, step_lse = tokens.forward(q, *block, call, options)
                 if partials is None:  # shapes known now (d_v is v's head dim)
-                    partials = PartialResults(step_out.shape, step_lse.shape, q.device, world_size)
-                tokens.write(*partials.slot(), step_out, step_lse, plan.queries)
+                    out_shape = (*q.shape[:-1], step_out.shape[-1])
+                    partials = PartialResults(out_shape, tokens.lse_shape(q), q.device, calls)
+                tokens.write(*partials.slot(), step_out, step_lse, call.queries)
             if shift is not None:
                 block = in_flight.finish(shift)
     except BaseException:
@@ -99,23 +104,25 @@ def ring_forward(q, k, v, ring, tokens, options):
 def ring_backward(dout, q, k, v, out, lse, ring, tokens, options):
     """-> dq, dk, dv in the dtypes of q, k, v."""
     world_size = ring.world_size
+    plans = _plans(q, ring, options)
+    if world_size == 1 and len(plans[0]) == 1:  # nothing to shift or add: the local kernel's gradients
+        return tokens.backward(dout, q, k, v, out, lse, plans[0][0], options)
     in_flight = _InFlight()
-    dq = dkv = dkv_shift = None
+    # fp32 accumulators; dK/dV of the block in hand: this rank's own at step 0, then what rank r - 1 passed on
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (k, v)]
+    dkv_shift = None
     block = (k, v)
     try:
         for step in range(world_size):
             shift = in_flight.start(ring.shift(block)) if step + 1 < world_size else None
-            plan = plan_step(ring.rank, ring.source(step), options.causal, options.layout)
-            grads = tokens.backward(dout, q, *block, out, lse, plan, options) if plan is not None else None
-            if step == 0:  # this rank's own block, all query and key rows
-                dq = _accumulator(grads[0], world_size)
-                dkv = [_accumulator(grads[1], world_size), _accumulator(grads[2], world_size)]
-            else:
-                dkv = in_flight.finish(dkv_shift)  # the accumulator of the block in hand
-                if grads is not None:
-                    tokens.add(dq, grads[0], plan.queries)
-                    tokens.add(dkv[0], grads[1], plan.keys)
-                    tokens.add(dkv[1], grads[2], plan.keys)
+            grads = [tokens.backward(dout, q, *block, out, lse, call, options) for call in plans[step]]
+            if step > 0:
+                dkv = in_flight.finish(dkv_shift)
+            for call, (dq_s, dk_s, dv_s) in zip(plans[step], grads):  # in call order: deterministic
+                tokens.add(dq, dq_s, call.queries)
+                tokens.add(dkv[0], dk_s, call.keys)
+                tokens.add(dkv[1], dv_s, call.keys)
             if world_size > 1:  # after the last step this pass brings every accumulator home
                 dkv_shift = in_flight.start(ring.shift(dkv))
             if shift is not None:

@@ -27,15 +27,14 @@ def _check_tensor(x, name, rank, layout):
         raise error(name, f"rank {rank} {layout}", f"rank {x.dim()} {list(x.shape)}")
 
 
-def _check_common(q, k, v, window_size, alibi_slopes, layout, softcap, group):
+def _check_common(q, k, v, alibi_slopes, layout, softcap, group):
     if not dist.is_available() or not dist.is_initialized():
         raise error("group", "an initialized torch.distributed process group (dist.init_process_group)",
                     "no default process group")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what dist.new_group gives the ranks it leaves out
+        raise error("group", "a process group this rank belongs to", "dist.GroupMember.NON_GROUP_MEMBER")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise error("group", "a torch.distributed ProcessGroup or None (the default group)", type(group).__name__)
-    if window_pair(window_size) != (-1, -1):
-        raise unsupported("window_size", f"a sliding window over a sharded sequence (window_size={window_size!r}; "
-                          "the window follows global positions the local kernels do not know)")
     if alibi_slopes is not None:
         raise unsupported("alibi_slopes", "ALiBi over a sharded sequence (its bias follows global positions the "
                           "local kernels do not know)")
@@ -74,9 +73,9 @@ def _ring_for(group, device):
     return ring
 
 
-def _options(softmax_scale, causal, layout, softcap, deterministic):
+def _options(softmax_scale, causal, layout, softcap, deterministic, window=(-1, -1)):
     return Options(None if softmax_scale is None else float(softmax_scale), bool(causal), layout, float(softcap),
-                   bool(deterministic))
+                   bool(deterministic), window)
 
 
 def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -96,22 +95,28 @@ def ring_flash_attn_func(q, k, v, group=None, softmax_scale=None, causal=False, 
         W times rank 0's share).
     Without causal the layout does not matter: every query sees every key.
     GQA/MQA as flashattn (heads_k divides heads; only heads_k heads travel), softcap and deterministic
-    as flash_attn_func. window_size and alibi_slopes raise NotImplementedError: both follow global
-    token positions that the ring's local calls do not have.
+    as flash_attn_func. window_size (left, right) follows global positions (q and k the same tokens;
+    with causal, right = 0), planned chunk pair by chunk pair: up to 4 local calls per ring step, the
+    pairs outside the window skipped. alibi_slopes raises NotImplementedError: its bias follows global
+    positions that the local calls cannot be given.
     """
     _check_tensor(q, "q", 4, "(batch, seqlen, heads, head_dim)")
     _check_tensor(k, "k", 4, "(batch, seqlen_k, heads_k, head_dim)")
     _check_tensor(v, "v", 4, "(batch, seqlen_k, heads_k, head_dim_v)")
-    _check_common(q, k, v, window_size, alibi_slopes, layout, softcap, group)
+    _check_common(q, k, v, alibi_slopes, layout, softcap, group)
+    window = window_pair(window_size)
+    if min(window) < -1:
+        raise error("window_size", "(left, right) with each >= 0, or -1 for unbounded", repr(window_size))
     if k.shape[0] != q.shape[0]:
         raise error("k", f"q's batch size {q.shape[0]}", str(k.shape[0]))
-    if causal:
+    if causal or window != (-1, -1):
+        why = "causal" if causal else "a window"
         if k.shape[1] != q.shape[1]:
-            raise error("k", f"q's local seqlen {q.shape[1]} (causal: q and k are the same tokens)", str(k.shape[1]))
+            raise error("k", f"q's local seqlen {q.shape[1]} ({why}: q and k are the same tokens)", str(k.shape[1]))
         if layout == "zigzag" and q.shape[1] % 2:
-            raise error("q", "an even local seqlen (zig-zag: two equal chunks per rank)", str(q.shape[1]))
+            raise error("q", f"an even local seqlen (zig-zag: two equal chunks per rank; {why})", str(q.shape[1]))
     out, lse = RingAttention.apply(q, k, v, _ring_for(group, q.device), DenseTokens(),
-                                   _options(softmax_scale, causal, layout, softcap, deterministic))
+                                   _options(softmax_scale, causal, layout, softcap, deterministic, window))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -135,7 +140,10 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, group=None, sof
     _check_tensor(q, "q", 3, "(total_tokens, heads, head_dim)")
     _check_tensor(k, "k", 3, "(total_tokens, heads_k, head_dim)")
     _check_tensor(v, "v", 3, "(total_tokens, heads_k, head_dim_v)")
-    _check_common(q, k, v, window_size, alibi_slopes, layout, softcap, group)
+    _check_common(q, k, v, alibi_slopes, layout, softcap, group)
+    if window_pair(window_size) != (-1, -1):
+        raise unsupported("window_size", f"a sliding window over sharded packed documents (window_size="
+                          f"{window_size!r}; the per-call window would depend on each document's chunk size)")
     if k.shape[0] != q.shape[0]:
         raise error("k", f"q's {q.shape[0]} tokens (one cu_seqlens describes both)", str(k.shape[0]))
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:

@@ -3,7 +3,8 @@ how to take the front or back half of every local sequence (zig-zag steps use ha
 flashattn's kernels a step calls, and how a step's rows are added into the gradients or written into
 a partial-result slot.
 
-- DenseTokens: q/k/v (batch, seqlen, heads, d), lse (batch, heads, seqlen). Halves are slices (views).
+- DenseTokens: q/k/v (batch, seqlen, heads, d), lse (batch, heads, seqlen). Halves and the row ranges of
+  sliding-window calls are slices (views).
 - VarlenTokens: packed q/k/v (total, heads, d) with cu_seqlens, lse (heads, total). The halves of
   the packed documents are not contiguous: they are gathered (index_select) into packed tensors of
   their own with halved cu_seqlens, and the step's rows are scattered back (index_copy_/index_add_:
@@ -21,30 +22,31 @@ import torch
 from .._torch_ops import _bwd_kernel, _fwd_kernel, _varlen_bwd_kernel, _varlen_fwd_kernel
 from ._schedule import ALL, BACK, FRONT
 
-_NO_WINDOW = (-1, -1)  # windows and ALiBi need global positions: refused before the ring starts
-
-
 class DenseTokens:
     """Batches of equal-length local sequences: token dim 1, LSE token dim -1."""
 
+    def lse_shape(self, q):
+        return (q.shape[0], q.shape[2], q.shape[1])
+
     def rows(self, x, part, lse=False):
-        """x's tokens in `part` (ALL, FRONT or BACK half of the local sequence): a view."""
+        """x's tokens in `part` (ALL, FRONT or BACK half of the local sequence, or a slice): a view."""
         if part == ALL:
             return x
-        half = x.shape[-1 if lse else 1] // 2
-        cut = slice(0, half) if part == FRONT else slice(half, None)
-        return x[..., cut] if lse else x[:, cut]
+        if not isinstance(part, slice):
+            half = x.shape[-1 if lse else 1] // 2
+            part = slice(0, half) if part == FRONT else slice(half, None)
+        return x[..., part] if lse else x[:, part]
 
     def forward(self, q, k, v, step, options):
         return _fwd_kernel(self.rows(q, step.queries), self.rows(k, step.keys), self.rows(v, step.keys),
-                           options.softmax_scale, step.causal, *_NO_WINDOW, options.softcap, None,
+                           options.softmax_scale, step.causal, *step.window, options.softcap, None,
                            options.deterministic, 0)
 
     def backward(self, dout, q, k, v, out, lse, step, options):
         queries = step.queries
         return _bwd_kernel(self.rows(dout, queries), self.rows(q, queries), self.rows(k, step.keys),
                            self.rows(v, step.keys), self.rows(out, queries), self.rows(lse, queries, lse=True),
-                           options.softmax_scale, step.causal, *_NO_WINDOW, options.softcap, None,
+                           options.softmax_scale, step.causal, *step.window, options.softcap, None,
                            options.deterministic)
 
     def add(self, acc, x, part):
@@ -74,6 +76,9 @@ class VarlenTokens:
             self._half_cu = half_cu.to(cu_seqlens.device, torch.int32)
             self._half_max = int(half_len.max()) if half_len.numel() else 0
 
+    def lse_shape(self, q):
+        return (q.shape[1], q.shape[0])
+
     def rows(self, x, part, lse=False):
         if part == ALL:
             return x
@@ -85,7 +90,7 @@ class VarlenTokens:
     def forward(self, q, k, v, step, options):
         (cu_q, max_q), (cu_k, max_k) = self._layout(step.queries), self._layout(step.keys)
         return _varlen_fwd_kernel(self.rows(q, step.queries), self.rows(k, step.keys), self.rows(v, step.keys),
-                                  cu_q, cu_k, max_q, max_k, options.softmax_scale, step.causal, *_NO_WINDOW,
+                                  cu_q, cu_k, max_q, max_k, options.softmax_scale, step.causal, *step.window,
                                   options.softcap, None, options.deterministic, 0)
 
     def backward(self, dout, q, k, v, out, lse, step, options):
@@ -93,7 +98,7 @@ class VarlenTokens:
         (cu_q, max_q), (cu_k, max_k) = self._layout(queries), self._layout(step.keys)
         return _varlen_bwd_kernel(self.rows(dout, queries), self.rows(q, queries), self.rows(k, step.keys),
                                   self.rows(v, step.keys), self.rows(out, queries), self.rows(lse, queries, lse=True),
-                                  cu_q, cu_k, max_q, max_k, options.softmax_scale, step.causal, *_NO_WINDOW,
+                                  cu_q, cu_k, max_q, max_k, options.softmax_scale, step.causal, *step.window,
                                   options.softcap, None, options.deterministic)
 
     def add(self, acc, x, part):
