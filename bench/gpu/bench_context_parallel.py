@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--modes", nargs="+", default=["1rank", "2ranks"], choices=("1rank", "2ranks"))
+    p.add_argument("--modes", nargs="+", default=["1rank", "2ranks"], choices=("1rank", "2ranks", "sim"))
+    p.add_argument("--sim-world", type=int, default=8, help="ring size the sim mode simulates")
     p.add_argument("--seqlens", nargs="+", type=int, default=[16384, 32768, 65536], help="total tokens")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--heads-k", type=int, default=8)
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     for s in args.seqlens:
         if s % 4:
             p.error(f"--seqlens: {s} is not a multiple of 4 (zig-zag over 2 ranks cuts it into 4 chunks)")
+        if "sim" in args.modes and s % (2 * args.sim_world):
+            p.error(f"--seqlens: {s} is not a multiple of {2 * args.sim_world} (zig-zag over --sim-world ranks)")
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
     return args
@@ -145,8 +148,9 @@ def init_group(device, rank, world, store_path, prefer_nccl):
     return "gloo"
 
 
-def row(mode, backend, seqlen, causal, args, plain, ring):
-    fwd_flops, bwd_flops = flops(seqlen, args, causal)
+def row(mode, backend, seqlen, causal, args, plain, ring, share=1.0):
+    """share: the fraction of the whole attention's FLOPs the timed calls do (sim: 1 / ring size)."""
+    fwd_flops, bwd_flops = (share * f for f in flops(seqlen, args, causal))
     return {
         "mode": mode, "backend": backend, "seqlen": seqlen, "causal": causal, "heads": args.heads,
         "heads_k": args.heads_k, "head_dim": args.head_dim, "dtype": args.dtype,
@@ -239,6 +243,49 @@ def two_rank_worker(rank, args, store_dir, result_path):
             json.dump(rows, f)
 
 
+class _SimulatedRing:
+    """Rank 0 of a ring of world_size ranks whose shifts hand back what was sent (no transfer): every
+    step computes what rank 0 of a real ring computes, on its own block's data."""
+
+    def __init__(self, world_size):
+        self.rank, self.world_size = 0, world_size
+
+    def source(self, step):
+        return (self.rank - step) % self.world_size
+
+    def shift(self, tensors):
+        class _Done:
+            def wait(self):
+                return list(tensors)
+
+        return _Done()
+
+
+def run_simulated(args, device):
+    from flashattn.context_parallel._algorithm import Options, RingAttention
+    from flashattn.context_parallel._tokens import DenseTokens
+
+    world = args.sim_world
+    rows = []
+    for seqlen in args.seqlens:
+        for causal in causal_list(args):
+            q, k, v, dout = make_inputs(seqlen, args, device)
+            plain = timed_pair(plain_attention(causal), q, k, v, dout, device, args)
+            plain = (plain[0] / world, plain[1] / world)  # linear scaling
+            local = [cp.zigzag_shard(x, 0, world) for x in (q, k, v, dout)]
+            del q, k, v, dout
+            ring, options = _SimulatedRing(world), Options(None, causal, "zigzag", 0.0, False)
+
+            def attention(q, k, v):
+                return RingAttention.apply(q, k, v, ring, DenseTokens(), options)[0]
+
+            ring_times = timed_pair(attention, *local, device, args)
+            rows.append(row(f"sim{world}", "none", seqlen, causal, args, plain, ring_times, share=1 / world))
+            rows[-1]["plain_note"] = f"plain attention over {seqlen} tokens / {world}"
+            print_row(rows[-1])
+    return rows
+
+
 def run_two_ranks(args, store_dir):
     result_path = os.path.join(store_dir, "two-ranks.json")
     mp.spawn(two_rank_worker, args=(args, store_dir, result_path), nprocs=2)
@@ -284,6 +331,8 @@ def main(argv=None):
             rows += run_one_rank(args, device, store_dir)
         if "2ranks" in args.modes:
             rows += run_two_ranks(args, store_dir)
+        if "sim" in args.modes:
+            rows += run_simulated(args, torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)
