@@ -123,7 +123,8 @@ def main(argv=None):
     tables += [(f"Strong scaling, {total:,} tokens", lambda w, total=total: total) for total in args.total_tokens]
     for title, seqlen_of in tables:
         print(f"\n{title} (causal, zig-zag; efficiency = single-GPU rate on 1/W of the work / modeled time):\n")
-        print("| GPUs | strategy | tokens/GPU | step compute / transfer (us) | forward ms (eff.) | backward ms (eff.) |")
+        print("| GPUs | strategy | tokens/GPU | step compute / transfer (us) | forward ms (eff.) "
+              "| backward ms (eff.) |")
         print("|---|---|---|---|---|---|")
         for gpus in args.gpus:
             for strategy in (("ring",) if gpus <= GPUS_PER_NODE else ("ring", "2d")):

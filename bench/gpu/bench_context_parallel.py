@@ -116,13 +116,14 @@ def queued_ms(fn, device, warmup, iters):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def timed_pair(attention, q, k, v, dout, device, args):
-    """(forward ms, backward ms) of attention(q, k, v) -> out."""
+def timed_pair(attention, q, k, v, dout, device, args, timer=None):
+    """(forward ms, backward ms) of attention(q, k, v) -> out; timer: queued_ms (default) or wall_ms."""
+    timer = timer or queued_ms
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    forward_ms = queued_ms(lambda: attention(q, k, v), device, args.warmup, args.iters)
+    forward_ms = timer(lambda: attention(q, k, v), device, args.warmup, args.iters)
     out = attention(q, k, v)
-    backward_ms = queued_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), device,
-                            args.warmup, args.iters)
+    backward_ms = timer(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), device,
+                        args.warmup, args.iters)
     return forward_ms, backward_ms
 
 
@@ -211,31 +212,19 @@ def two_rank_worker(rank, args, store_dir, result_path):
         for seqlen in args.seqlens:
             for causal in causal_list(args):
                 q, k, v, dout = make_inputs(seqlen, args, device)
-                plain = None
-                if rank == 0:  # the whole sequence in one process, the other rank waiting
-                    full = [x.detach().requires_grad_() for x in (q, k, v)]
-                    plain_fwd = queued_ms(lambda: plain_attention(causal)(*full), device, args.warmup, args.iters)
-                    out = plain_attention(causal)(*full)
-                    plain_bwd = queued_ms(lambda: torch.autograd.grad(out, full, dout, retain_graph=True), device,
-                                          args.warmup, args.iters)
-                    plain = (plain_fwd, plain_bwd)
-                    del full, out
+                # the whole sequence in one process (rank 0), the other rank waiting
+                plain = timed_pair(plain_attention(causal), q, k, v, dout, device, args) if rank == 0 else None
                 dist.barrier()
-                local = [cp.zigzag_shard(x, rank, 2).requires_grad_() for x in (q, k, v)]
-                dout_local = cp.zigzag_shard(dout, rank, 2)
+                local = [cp.zigzag_shard(x, rank, 2) for x in (q, k, v, dout)]
                 del q, k, v, dout
-                attention = ring_attention(causal)
-                ring_fwd = wall_ms(lambda: attention(*local), device, args.warmup, args.iters)
-                out = attention(*local)
-                ring_bwd = wall_ms(lambda: torch.autograd.grad(out, local, dout_local, retain_graph=True), device,
-                                   args.warmup, args.iters)
+                ring_fwd, ring_bwd = timed_pair(ring_attention(causal), *local, device, args, timer=wall_ms)
+                del local
                 times = [None, None]
                 dist.all_gather_object(times, (ring_fwd, ring_bwd))
                 if rank == 0:  # a call ends when its slowest rank does
                     ring = (max(t[0] for t in times), max(t[1] for t in times))
                     rows.append(row("2ranks", "gloo", seqlen, causal, args, plain, ring))
                     print_row(rows[-1])
-                del local, dout_local, out
     finally:
         dist.destroy_process_group()
     if rank == 0:

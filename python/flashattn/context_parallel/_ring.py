@@ -42,7 +42,8 @@ class Ring:
         self.group = group
         self.rank = dist.get_rank(group)
         if self.rank < 0:
-            raise error("group", "a process group this rank belongs to", f"a group without global rank {dist.get_rank()}")
+            raise error("group", "a process group this rank belongs to",
+                        f"a group without global rank {dist.get_rank()}")
         self.world_size = dist.get_world_size(group)
         self.device = device
         # P2POp takes global ranks

@@ -91,9 +91,11 @@ def window_calls(rank, source, world_size, seqlen, layout, causal, window):
             if lo > size - 1 or hi < -(size - 1):
                 continue
             if lo > 0:  # keys start lo past the diagonal: rows [0, size - lo) x keys [lo, size)
-                rows, cols, kernel_window = (0, size - lo), (int(lo), size), (0, _kernel_bound(hi - lo, size - lo))
+                rows, cols = (0, size - int(lo)), (int(lo), size)
+                kernel_window = (0, _kernel_bound(hi - lo, size - lo))
             elif hi < 0:  # keys end -hi before the diagonal: rows [-hi, size) x keys [0, size + hi)
-                rows, cols, kernel_window = (int(-hi), size), (0, size + int(hi)), (_kernel_bound(hi - lo, size + hi), 0)
+                rows, cols = (int(-hi), size), (0, size + int(hi))
+                kernel_window = (_kernel_bound(hi - lo, size + hi), 0)
             else:
                 rows, cols, kernel_window = (0, size), (0, size), (_kernel_bound(-lo, size), _kernel_bound(hi, size))
             calls.append(Step(slice(q_local + rows[0], q_local + rows[1]), slice(k_local + cols[0], k_local + cols[1]),

@@ -60,7 +60,8 @@ def varlen_positions(cu_seqlens, rank, world_size, layout="zigzag"):
             raise error("cu_seqlens", f"document lengths that are multiples of {chunks} ({layout} over {world_size} "
                         "ranks)", f"document {d} of length {end - start}")
         size = (end - start) // chunks
-        parts += [torch.arange(start + c * size, start + (c + 1) * size) for c in _owned_chunks(rank, world_size, layout)]
+        parts += [torch.arange(start + c * size, start + (c + 1) * size)
+                  for c in _owned_chunks(rank, world_size, layout)]
     index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     return index.to(device) if device is not None else index
 
