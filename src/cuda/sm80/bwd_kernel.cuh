@@ -27,9 +27,9 @@
 
 #include "core/params.h"
 #include "cuda/common/ptx.h"
-#include "cuda/sm80/bwd_dq_accum.cuh"
+#include "cuda/common/bwd_dq_accum.cuh"
 #include "cuda/sm80/bwd_tile_size.h"
-#include "cuda/sm80/bwd_workspace.cuh"
+#include "cuda/common/bwd_workspace.cuh"
 #include "cuda/sm80/fwd_kernel.cuh"  // detail::load_tile, kLog2e
 
 namespace flashattn::cuda::sm80 {

@@ -15,7 +15,7 @@
 #include "cuda/common/stream_workspace.h"
 #include "cuda/sm80/bwd_kernel.cuh"
 #include "cuda/sm80/bwd_launch.h"
-#include "cuda/sm80/bwd_prepost.cuh"
+#include "cuda/common/bwd_prepost.cuh"
 #include "flashattn/error.h"
 
 namespace flashattn::cuda::sm80 {

@@ -36,7 +36,7 @@
 
 #include "core/params.h"
 #include "cuda/common/ptx.h"
-#include "cuda/sm80/bwd_workspace.cuh"
+#include "cuda/common/bwd_workspace.cuh"
 #include "cuda/sm90/bwd_traits.h"
 #include "core/mask.h"
 #include "cuda/sm90/ptx.h"
@@ -50,7 +50,7 @@ struct BwdKernelParams {
   CUtensorMap tma_q, tma_k, tma_v, tma_do;
   CUtensorMap tma_dk, tma_dv;
   BwdParams p;
-  sm80::BwdArgs args;
+  BwdArgs args;
   Mask32 mask;  // every sequence's: a fixed-length batch
 };
 
@@ -331,7 +331,7 @@ struct BwdConsumer {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           float& x = s[4 * i + 2 * hh + e];
-          x = flashattn::cuda::ptx::exp2_approx(fmaf(x, kp.args.scale_log2, -(e ? l.y : l.x)));
+          x = ptx::exp2_approx(fmaf(x, kp.args.scale_log2, -(e ? l.y : l.x)));
           if (need_mask) {
             const int offset = key + 8 * hh - (m0 + c + e);
             if (!key_valid[hh] || offset < lowest || offset > highest) x = 0.0f;
@@ -363,7 +363,7 @@ struct BwdConsumer {
           const int offset = key + 8 * hh - (m0 + c + e);  // key - query
           float dscore;
           const float x = mod.apply(s[idx] * kp.p.scale, m0 + c + e, key + 8 * hh, kp.mask, dscore);
-          float prob = flashattn::cuda::ptx::exp2_approx(x * kLog2e - (e ? l.y : l.x));
+          float prob = ptx::exp2_approx(x * kLog2e - (e ? l.y : l.x));
           if (need_mask && (!key_valid[hh] || offset < lowest || offset > highest)) prob = 0.0f;
           s[idx] = prob;
           dp[idx] = prob * (dp[idx] - (e ? d.y : d.x)) * dscore;
@@ -392,7 +392,7 @@ struct BwdConsumer {
     for (int kk = 0; kk < kBlockM / 16; ++kk)
 #pragma unroll
       for (int r = 0; r < 4; ++r)
-        f[kk][r] = flashattn::cuda::ptx::pack2<T>(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
+        f[kk][r] = ptx::pack2<T>(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
   }
 
   // dS^T (this warpgroup's 64 key rows) -> the dS buffer, [query chunk][key row][64 queries] in the
@@ -442,9 +442,9 @@ struct BwdConsumer {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const uint32_t offset = (i / 8) * Tr::kKChunkBytes + hh * 8 * Tr::kRowBytes + (((i % 8) ^ g()) * 16);
-        ptx::st_shared_u32(k_row + offset, flashattn::cuda::ptx::pack2<T>(dk[4 * i + 2 * hh] * scale,
+        ptx::st_shared_u32(k_row + offset, ptx::pack2<T>(dk[4 * i + 2 * hh] * scale,
                                                                            dk[4 * i + 2 * hh + 1] * scale));
-        ptx::st_shared_u32(v_row + offset, flashattn::cuda::ptx::pack2<T>(dv[4 * i + 2 * hh], dv[4 * i + 2 * hh + 1]));
+        ptx::st_shared_u32(v_row + offset, ptx::pack2<T>(dv[4 * i + 2 * hh], dv[4 * i + 2 * hh + 1]));
       }
     ptx::fence_proxy_async_smem();
     ptx::named_barrier_sync(kBwdBarrierStore0 + wg, 128);

@@ -10,7 +10,7 @@
 
 #include "cuda/common/check.h"
 #include "cuda/common/stream_workspace.h"
-#include "cuda/sm80/bwd_prepost.cuh"
+#include "cuda/common/bwd_prepost.cuh"
 #include "cuda/sm90/bwd_kernel.cuh"
 #include "cuda/sm90/bwd_launch.h"
 #include "cuda/sm90/tensor_map.h"
@@ -53,7 +53,7 @@ void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
 
   BwdKernelParams kp{};
   kp.p = p;
-  kp.args = sm80::BwdArgs::plan(p, Tr::kBlockM, Tr::kBlockN, kLog2e);
+  kp.args = BwdArgs::plan(p, Tr::kBlockM, Tr::kBlockN, kLog2e);
   kp.mask = Mask32::make(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
   const int64_t main_blocks = int64_t(kp.args.n_blocks) * p.heads_k * p.batch;
   const int64_t row_blocks = int64_t(kp.args.m_blocks) * p.heads * p.batch;
@@ -72,7 +72,7 @@ void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
   kp.args.carve(p, Tr::kHeadDim, ws.data());
 
   if (row_blocks > 0) {
-    sm80::flash_bwd_preprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(Tr::kBlockM * 4), 0, stream>>>(p, kp.args);
+    flash_bwd_preprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(Tr::kBlockM * 4), 0, stream>>>(p, kp.args);
     FA_CHECK_LAUNCH("flash_bwd_preprocess (sm90 tiles)");
   }
   if (kp.args.dq_semaphore)
@@ -84,7 +84,7 @@ void run_bwd(const BwdParams& p, int device, cudaStream_t stream) {
       launch_main<Tr, false>(kp, main_blocks, device, stream);
   }
   if (row_blocks > 0) {
-    sm80::flash_bwd_postprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(Tr::kBlockM * 4), 0, stream>>>(p, kp.args);
+    flash_bwd_postprocess_kernel<Tr><<<dim3(unsigned(row_blocks)), dim3(Tr::kBlockM * 4), 0, stream>>>(p, kp.args);
     FA_CHECK_LAUNCH("flash_bwd_postprocess (sm90 tiles)");
   }
 }

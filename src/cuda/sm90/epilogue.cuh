@@ -54,7 +54,7 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const uint32_t addr = row_addr + (i / 8) * Tr::kQChunkBytes + hh * 8 * Tr::kRowBytes + (((i % 8) ^ g) * 16);
-      ptx::st_shared_u32(addr, flashattn::cuda::ptx::pack2<T>(o[4 * i + 2 * hh] * inv[hh],
+      ptx::st_shared_u32(addr, ptx::pack2<T>(o[4 * i + 2 * hh] * inv[hh],
                                                               o[4 * i + 2 * hh + 1] * inv[hh]));
     }
   ptx::fence_proxy_async_smem();  // our st.shared -> the TMA engine's reads

@@ -1,4 +1,5 @@
-// The Hopper part of our PTX layer: what CCCL's cuda::ptx does not wrap (wgmma fences and
+// The Hopper part of our PTX layer (namespace flashattn::cuda::ptx, with cuda/common/ptx.h's
+// sm80 instructions): what CCCL's cuda::ptx does not wrap (wgmma fences and
 // descriptors, setmaxnreg, named barriers) plus thin, named wrappers over cuda::ptx for the
 // mbarrier and bulk-tensor (TMA) instructions the sm90 kernel uses. Each wrapper is one
 // instruction (or a wait loop around one). Device code only: compiled for sm_90a.
@@ -9,11 +10,9 @@
 
 #include <cstdint>
 
-namespace flashattn::cuda::sm90::ptx {
+#include "cuda/common/ptx.h"  // smem_addr and the sm80 instructions
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace flashattn::cuda::ptx {
 
 // A 4-byte store to a shared-memory (32-bit) address.
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
@@ -137,4 +136,4 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
-}  // namespace flashattn::cuda::sm90::ptx
+}  // namespace flashattn::cuda::ptx

@@ -82,7 +82,7 @@ struct OnlineSoftmax {
       // need no rescale (alpha = 1), which is what most blocks after the first see. O / l and
       // LSE = m + log2 l use the same m, so the result does not change. Eager: slack 0.
       if (mx > row_max[hh] + (kLazy ? kRescaleSlack : 0.0f)) {  // also the first block: row_max = -inf
-        alpha[hh] = flashattn::cuda::ptx::exp2_approx(row_max[hh] - mx);
+        alpha[hh] = ptx::exp2_approx(row_max[hh] - mx);
         row_max[hh] = mx;
       } else {
         alpha[hh] = 1.0f;
@@ -94,7 +94,7 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& x = s[4 * i + 2 * hh + e];
-          x = flashattn::cuda::ptx::exp2_approx(fmaf(x, scale_log2, -m_use));
+          x = ptx::exp2_approx(fmaf(x, scale_log2, -m_use));
           sum += x;
         }
       row_sum[hh] = row_sum[hh] * alpha[hh] + sum;
@@ -124,10 +124,10 @@ __device__ __forceinline__ void convert_p(PFragment<Tr>& p, const float (&s)[Tr:
   using T = typename Tr::Element;
 #pragma unroll
   for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
-    p[kk][0] = flashattn::cuda::ptx::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-    p[kk][1] = flashattn::cuda::ptx::pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-    p[kk][2] = flashattn::cuda::ptx::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-    p[kk][3] = flashattn::cuda::ptx::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    p[kk][0] = ptx::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    p[kk][1] = ptx::pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    p[kk][2] = ptx::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    p[kk][3] = ptx::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
   }
 }
 

@@ -1,4 +1,4 @@
-// The two light passes around the sm80 backward kernel, both memory-bound (each touches O, dO or
+// The two light passes around every CUDA backward kernel (sm80 and sm90), both memory-bound (each touches O, dO or
 // dQ once) and small next to it:
 //
 //   preprocess   per query row: D = rowsum(dO * O) in fp32 and LSE * log2(e) (+inf for a row that
@@ -18,11 +18,11 @@
 
 #include "core/params.h"
 #include "cuda/common/ptx.h"
-#include "cuda/sm80/bwd_workspace.cuh"
+#include "cuda/common/bwd_workspace.cuh"
 
-namespace flashattn::cuda::sm80 {
+namespace flashattn::cuda {
 
-namespace detail {
+namespace prepost_detail {
 
 template <typename T>
 __device__ __forceinline__ float2 unpack2(uint32_t bits) {
@@ -32,7 +32,7 @@ __device__ __forceinline__ float2 unpack2(uint32_t bits) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
 }
 
-}  // namespace detail
+}  // namespace prepost_detail
 
 // kRowThreads threads share a row's dot product (16-byte chunks, then two shuffles).
 template <typename Tr>
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(Tr::kBlockM * 4) flash_bwd_preprocess_kernel(c
       const uint32_t av[4] = {a.x, a.y, a.z, a.w}, cv[4] = {c.x, c.y, c.z, c.w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float2 x = detail::unpack2<T>(av[k]), y = detail::unpack2<T>(cv[k]);
+        const float2 x = prepost_detail::unpack2<T>(av[k]), y = prepost_detail::unpack2<T>(cv[k]);
         dot = fmaf(x.x, y.x, dot);
         dot = fmaf(x.y, y.y, dot);
       }
@@ -113,4 +113,4 @@ __global__ void __launch_bounds__(Tr::kBlockM * 4) flash_bwd_postprocess_kernel(
   }
 }
 
-}  // namespace flashattn::cuda::sm80
+}  // namespace flashattn::cuda

@@ -1,4 +1,4 @@
-// The fp32 workspace of the sm80 backward and the scalars its three kernels share
+// The fp32 workspace of the backward (sm80 and sm90 kernels) and the scalars its three kernels share
 // (preprocess -> main -> postprocess, all on the caller's stream).
 //
 // Per query head the workspace holds `ws_rows` rows: sequence b's query block m lives at rows
@@ -17,7 +17,7 @@
 #include "core/params.h"
 #include "flashattn/error.h"
 
-namespace flashattn::cuda::sm80 {
+namespace flashattn::cuda {
 
 struct BwdArgs {
   int group = 1;         // query heads per kv head
@@ -88,4 +88,4 @@ struct BwdArgs {
   }
 };
 
-}  // namespace flashattn::cuda::sm80
+}  // namespace flashattn::cuda

@@ -25,7 +25,7 @@
 
 #include <cstdint>
 
-namespace flashattn::cuda::sm80 {
+namespace flashattn::cuda {
 
 template <bool kDeterministic>
 struct DqAccumulator {
@@ -67,4 +67,4 @@ struct DqAccumulator {
   }
 };
 
-}  // namespace flashattn::cuda::sm80
+}  // namespace flashattn::cuda
