@@ -40,21 +40,23 @@ struct BasicMask {
 
   FA_HOST_DEVICE Int diagonal(Int i) const { return i + seqlen_k - seqlen_q; }
 
-  // Visible keys of row 0 <= i < seqlen_q are [key_begin(i), key_end(i)); empty when begin >= end.
-  // (The expressions keep i + (seqlen_k - seqlen_q - window) in one piece and skip clamps that
-  // cannot bind for such rows: ptxas then hoists the invariant part, where the sm90 forward's
-  // 128-register d64 tile otherwise spilled 104 bytes.)
+  // Visible keys of row i are [key_begin(i), key_end(i)); empty when begin >= end.
+  // The form matters on the GPU: written as diagonal(i) - window with compare-and-select clamps,
+  // the sm90 forward's 128-register d64 tile spilled 104 bytes; with the offset in one piece and
+  // min/max (IMNMX) its SASS is identical to the hand-written code these replaced, and it runs as
+  // fast (bench/gpu/NOTES.md, session 4).
   FA_HOST_DEVICE Int key_begin(Int i) const {
-    if (window_left < 0) return 0;
-    const Int b = i + seqlen_k - seqlen_q - window_left;  // < seqlen_k for every row i < seqlen_q
-    return b > 0 ? b : 0;
+    return window_left < 0 ? 0 : clamp(i + seqlen_k - seqlen_q - window_left, 0, seqlen_k);
   }
   FA_HOST_DEVICE Int key_end(Int i) const {
-    return window_right < 0 ? seqlen_k : clamp_key(i + seqlen_k - seqlen_q + window_right + 1);
+    return window_right < 0 ? seqlen_k : clamp(i + seqlen_k - seqlen_q + window_right + 1, 0, seqlen_k);
   }
-  FA_HOST_DEVICE Int clamp_key(Int j) const {
-    const Int lo = j > 0 ? j : 0;
-    return lo < seqlen_k ? lo : seqlen_k;
+  FA_HOST_DEVICE static Int clamp(Int x, Int lo, Int hi) {
+#if defined(__CUDA_ARCH__)
+    return min(max(x, lo), hi);
+#else
+    return x < lo ? lo : (x > hi ? hi : x);
+#endif
   }
   FA_HOST_DEVICE bool visible(Int i, Int j) const { return j >= key_begin(i) && j < key_end(i); }
 
