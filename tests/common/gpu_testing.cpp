@@ -98,6 +98,45 @@ Tensor make_tensor(void* data, DType t, const Placed& p, Device dev) {
   return x;
 }
 
+// ---- cases ----------------------------------------------------------------------------------
+
+Options GpuCase::options() const {
+  Options opt;
+  opt.causal = causal;
+  opt.window_left = wl;
+  opt.window_right = wr;
+  opt.softcap = softcap;
+  opt.softmax_scale = scale;
+  return opt;
+}
+
+std::tuple<std::vector<int32_t>, std::vector<int32_t>, int64_t, int64_t> packed_rows(const GpuCase& c) {
+  std::vector<int32_t> cu_q{0}, cu_k{0};
+  int64_t rows_q = int64_t(c.batch) * c.sq, rows_k = int64_t(c.batch) * c.sk;
+  if (c.varlen()) {
+    for (size_t i = 0; i < c.lens_q.size(); ++i) {
+      cu_q.push_back(cu_q.back() + c.lens_q[i]);
+      cu_k.push_back(cu_k.back() + c.lens_k[i]);
+    }
+    rows_q = cu_q.back() + 3;
+    rows_k = cu_k.back() + 3;
+  }
+  return {cu_q, cu_k, rows_q, rows_k};
+}
+
+Placed place_lse(const GpuCase& c, int64_t rows_q) {
+  Placed p;
+  if (c.varlen()) {
+    p.shape = {c.heads, rows_q};
+    p.stride = {rows_q, 1};
+  } else {
+    p.shape = {c.batch, c.heads, c.sq};
+    p.stride = {int64_t(c.heads) * c.sq, c.sq, 1};
+  }
+  p.numel = int64_t(c.heads) * rows_q;
+  return p;
+}
+
 // ---- host data ------------------------------------------------------------------------------
 // testing.h's conversions, independent of the library's core/half.h (they agree on every value
 // but NaN payloads).

@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/testing.h"
@@ -112,6 +114,35 @@ void for_each_placed(const Placed& p, Fn fn) {
     }
   }
 }
+
+// ---- cases ----------------------------------------------------------------------------------
+// What a forward and a backward case both say: the problem (shapes, dtype, mask, softcap, scale;
+// ALiBi is each suite's own: the slopes are drawn differently), its layout and the small-tiles knob.
+struct GpuCase {
+  std::string name;
+  int batch = 1, sq = 1, sk = 1, heads = 1, heads_k = 1, d = 64, dv = 0;
+  DType dtype = DType::bf16;
+  bool causal = false;
+  int wl = -1, wr = -1;
+  float softcap = 0;
+  std::optional<float> scale;
+  bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
+  GpuLayout layout = GpuLayout::dense;
+  std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
+
+  int head_dim_v() const { return dv ? dv : d; }
+  bool varlen() const { return !lens_q.empty(); }
+  // The mask, softcap and scale as options; the suite adds ALiBi and its own settings.
+  Options options() const;
+};
+
+// The rows of c's q and k/v tensors: cu_seqlens {0} and batch x seqlen when fixed-length; for
+// varlen the cu_seqlens of lens_q / lens_k and the packed rows: the sequences, then 3 rows owned
+// by no sequence (they must stay untouched).
+std::tuple<std::vector<int32_t>, std::vector<int32_t>, int64_t, int64_t> packed_rows(const GpuCase& c);
+
+// The dense fp32 LSE of c: (batch, heads, sq), or (heads, rows_q) for varlen.
+Placed place_lse(const GpuCase& c, int64_t rows_q);
 
 // ---- host data ------------------------------------------------------------------------------
 // The bits of v in the 2-byte dtype t (bf16 or fp16, nearest even), and back.

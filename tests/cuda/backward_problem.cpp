@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <sstream>
+#include <tuple>
 
 #include "core/mask.h"
 #include "core/validate.h"
@@ -41,31 +42,13 @@ class SmallTiles {
   const bool vl = c.varlen();
   const int dv = c.head_dim_v();
   Rng rng(test_seed(c.name));
-  cu_q_ = {0};
-  cu_k_ = {0};
-  rows_q_ = int64_t(c.batch) * c.sq;
-  rows_k_ = int64_t(c.batch) * c.sk;
-  if (vl) {  // packed rows: the sequences, then 3 rows owned by none
-    for (size_t i = 0; i < c.lens_q.size(); ++i) {
-      cu_q_.push_back(cu_q_.back() + c.lens_q[i]);
-      cu_k_.push_back(cu_k_.back() + c.lens_k[i]);
-    }
-    rows_q_ = cu_q_.back() + 3;
-    rows_k_ = cu_k_.back() + 3;
-  }
+  std::tie(cu_q_, cu_k_, rows_q_, rows_k_) = packed_rows(c);  // varlen: 3 rows owned by none at the end
   const int64_t b = vl ? 1 : c.batch, sq = vl ? rows_q_ : c.sq, sk = vl ? rows_k_ : c.sk;
   pq_ = place({b, sq, c.heads, c.d}, c.layout, vl);
   pk_ = place({b, sk, c.heads_k, c.d}, c.layout, vl);
   pv_ = place({b, sk, c.heads_k, dv}, c.layout, vl);
   po_ = place({b, sq, c.heads, dv}, c.layout, vl);
-  if (vl) {
-    pl_.shape = {c.heads, rows_q_};
-    pl_.stride = {rows_q_, 1};
-  } else {
-    pl_.shape = {c.batch, c.heads, c.sq};
-    pl_.stride = {int64_t(c.heads) * c.sq, c.sq, 1};
-  }
-  pl_.numel = int64_t(c.heads) * rows_q_;
+  pl_ = place_lse(c, rows_q_);
 
   // At least one element: an empty problem's host views still need a data pointer.
   auto random_bits = [&](int64_t n) {
@@ -113,11 +96,7 @@ class SmallTiles {
   // out / lse poisoned, then our forward.
   if (!go_->upload(go_->pattern_bytes(kNan16)) || !gl_->upload(gl_->pattern_bytes(kNan32)))
     return ::testing::AssertionFailure() << "upload failed";
-  opt_.causal = c.causal;
-  opt_.window_left = c.wl;
-  opt_.window_right = c.wr;
-  opt_.softcap = c.softcap;
-  opt_.softmax_scale = c.scale;
+  opt_ = c.options();
   const Device dev = Device::cuda(0);
   if (c.alibi == Slopes::heads)
     opt_.alibi_slopes = Tensor::contiguous(gslopes_->data(), DType::f32, {c.heads}, dev);

@@ -28,22 +28,11 @@ namespace fa_test::bwd {
 
 enum class Slopes { none, heads, batch_heads };
 
-struct Case {
-  std::string name;
-  int batch = 1, sq = 1, sk = 1, heads = 1, heads_k = 1, d = 64, dv = 0;
-  DType dtype = DType::bf16;
-  bool causal = false;
-  int wl = -1, wr = -1;
-  float softcap = 0;
+// A backward case: the problem (GpuCase), ALiBi slopes per head or per (batch, head), and the
+// deterministic mode.
+struct Case : GpuCase {
   Slopes alibi = Slopes::none;
-  std::optional<float> scale;
   bool deterministic = false;
-  bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
-  GpuLayout layout = GpuLayout::dense;
-  std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
-
-  int head_dim_v() const { return dv ? dv : d; }
-  bool varlen() const { return !lens_q.empty(); }
 };
 
 inline std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }

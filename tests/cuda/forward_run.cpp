@@ -96,31 +96,13 @@ void ForwardRun::run() {
   std::normal_distribution<double> normal(0.0, 1.0);
 
   // Logical sizes. Varlen: packed rows = sum of lengths plus 3 rows owned by no sequence.
-  int64_t rows_q = int64_t(c.batch) * c.sq, rows_k = int64_t(c.batch) * c.sk;
-  std::vector<int32_t> cu_q{0}, cu_k{0};
-  if (varlen) {
-    for (size_t i = 0; i < c.lens_q.size(); ++i) {
-      cu_q.push_back(cu_q.back() + c.lens_q[i]);
-      cu_k.push_back(cu_k.back() + c.lens_k[i]);
-    }
-    rows_q = cu_q.back() + 3;
-    rows_k = cu_k.back() + 3;
-  }
+  auto [cu_q, cu_k, rows_q, rows_k] = packed_rows(c);
   const int64_t bq = varlen ? 1 : c.batch, sq = varlen ? rows_q : c.sq, sk = varlen ? rows_k : c.sk;
   const Placed pq = place({bq, sq, c.heads, c.d}, c.layout, varlen);
   const Placed pk = place({bq, sk, c.heads_k, c.d}, c.layout, varlen);
   const Placed pv = place({bq, sk, c.heads_k, dv}, c.layout, varlen);
   const Placed po = place({bq, sq, c.heads, dv}, c.layout, varlen);
-  Placed pl;  // lse: (b, h, sq) or (h, total_q), dense
-  if (varlen) {
-    pl.shape = {c.heads, rows_q};
-    pl.stride = {rows_q, 1};
-    pl.numel = c.heads * rows_q;
-  } else {
-    pl.shape = {c.batch, c.heads, c.sq};
-    pl.stride = {int64_t(c.heads) * c.sq, c.sq, 1};
-    pl.numel = int64_t(c.batch) * c.heads * c.sq;
-  }
+  const Placed pl = place_lse(c, rows_q);  // lse: (b, h, sq) or (h, total_q), dense
   const Placed dq = place({bq, sq, c.heads, c.d}, GpuLayout::dense, varlen);
   const Placed dk = place({bq, sk, c.heads_k, c.d}, GpuLayout::dense, varlen);
   const Placed dvp = place({bq, sk, c.heads_k, dv}, GpuLayout::dense, varlen);
@@ -161,12 +143,7 @@ void ForwardRun::run() {
   ASSERT_TRUE(go.upload(out_before));
   ASSERT_TRUE(gl.upload(lse_before));
 
-  Options opt;
-  opt.causal = c.causal;
-  opt.window_left = c.wl;
-  opt.window_right = c.wr;
-  opt.softcap = c.softcap;
-  opt.softmax_scale = c.scale;
+  Options opt = c.options();
   opt.num_splits = c.num_splits;
   const Device dev = Device::cuda(0);
   const Tensor tq = make_tensor(gq.data(), c.dtype, pq, dev);

@@ -19,7 +19,6 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
-#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -29,26 +28,14 @@
 
 namespace fa_test::fwd {
 
-struct Case {
-  std::string name;
-  int batch = 1, sq = 1, sk = 1, heads = 1, heads_k = 1, d = 64, dv = 0;
-  DType dtype = DType::bf16;
-  bool causal = false;
-  int wl = -1, wr = -1;
-  float softcap = 0;
+// A forward case: the problem (GpuCase), ALiBi (one slope per head) and the forward's own settings.
+struct Case : GpuCase {
   bool alibi = false;
-  std::optional<float> scale;
-  bool small_tiles = false;  // FLASHATTN_CUDA_SMALL_TILES=1: the sm80 (163 KB smem) tiles on sm90 too
-  int num_splits = 0;        // options.num_splits: 0 = heuristic, 1 = never split, N = N key splits
-  bool decode_kernel = true; // false: FLASHATTN_CUDA_DECODE=0, decode shapes go to the main kernel
+  int num_splits = 0;           // options.num_splits: 0 = heuristic, 1 = never split, N = N key splits
+  bool decode_kernel = true;    // false: FLASHATTN_CUDA_DECODE=0, decode shapes go to the main kernel
   flashattn::KernelChoice force = flashattn::KernelChoice::kAuto;  // FLASHATTN_CUDA_FORWARD for this case
-  int sm90_ctas = 0;         // FLASHATTN_SM90_MAX_CTAS: a small persistent grid, many tiles per CTA
-  GpuLayout layout = GpuLayout::dense;
-  std::vector<int> lens_q, lens_k;  // varlen when non-empty (batch = lens_q.size())
-  std::vector<int32_t> used_k;      // options.seqused_k (keys used per sequence) when non-empty
-
-  int head_dim_v() const { return dv ? dv : d; }
-  bool varlen() const { return !lens_q.empty(); }
+  int sm90_ctas = 0;            // FLASHATTN_SM90_MAX_CTAS: a small persistent grid, many tiles per CTA
+  std::vector<int32_t> used_k;  // options.seqused_k (keys used per sequence) when non-empty
 };
 
 inline std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
