@@ -210,6 +210,30 @@ struct Config {
 };
 inline void PrintTo(const Config& c, std::ostream* os) { *os << c.name(); }
 
+// A fixed-length problem of this shape (dv 0 = d), every other field at its default.
+inline Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d, int dv = 0) {
+  Config c;
+  c.batch = batch;
+  c.sq = sq;
+  c.sk = sk;
+  c.heads = heads;
+  c.heads_k = heads_k;
+  c.d = d;
+  c.dv = dv;
+  return c;
+}
+
+// Each config once per dtype (fp32, fp16, bf16).
+inline std::vector<Config> for_all_dtypes(const std::vector<Config>& cs) {
+  std::vector<Config> r;
+  for (DType t : {DType::f32, DType::f16, DType::bf16})
+    for (Config c : cs) {
+      c.dtype = t;
+      r.push_back(c);
+    }
+  return r;
+}
+
 // Owns the inputs (seeded random) and the outputs of one fixed-length problem.
 class Problem {
  public:

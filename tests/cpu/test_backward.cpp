@@ -6,28 +6,6 @@
 namespace fa_test {
 namespace {
 
-Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d, int dv = 0) {
-  Config c;
-  c.batch = batch;
-  c.sq = sq;
-  c.sk = sk;
-  c.heads = heads;
-  c.heads_k = heads_k;
-  c.d = d;
-  c.dv = dv;
-  return c;
-}
-
-std::vector<Config> for_all_dtypes(const std::vector<Config>& cs) {
-  std::vector<Config> r;
-  for (DType t : {DType::f32, DType::f16, DType::bf16})
-    for (Config c : cs) {
-      c.dtype = t;
-      r.push_back(c);
-    }
-  return r;
-}
-
 // Every seqlen and head dim of the grid, both sq < sk and sq > sk; the fp64 backward oracle costs
 // ~5 sq sk d, so 1013 appears with one head.
 std::vector<Config> shape_grid() {

@@ -7,17 +7,6 @@
 namespace fa_test {
 namespace {
 
-Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d) {
-  Config c;
-  c.batch = batch;
-  c.sq = sq;
-  c.sk = sk;
-  c.heads = heads;
-  c.heads_k = heads_k;
-  c.d = d;
-  return c;
-}
-
 const int kSplits[] = {0, 1, 3, 8, 1000};
 
 std::vector<Config> cases() {

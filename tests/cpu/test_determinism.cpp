@@ -8,18 +8,6 @@
 namespace fa_test {
 namespace {
 
-Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d) {
-  Config c;
-  c.batch = batch;
-  c.sq = sq;
-  c.sk = sk;
-  c.heads = heads;
-  c.heads_k = heads_k;
-  c.d = d;
-  c.deterministic = true;
-  return c;
-}
-
 // The bytes of every element of t, in logical order.
 std::vector<uint8_t> bytes_of(const Tensor& t) {
   const size_t es = flashattn::dtype_size(t.dtype);

@@ -5,28 +5,6 @@
 namespace fa_test {
 namespace {
 
-Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d, int dv = 0) {
-  Config c;
-  c.batch = batch;
-  c.sq = sq;
-  c.sk = sk;
-  c.heads = heads;
-  c.heads_k = heads_k;
-  c.d = d;
-  c.dv = dv;
-  return c;
-}
-
-std::vector<Config> for_all_dtypes(const std::vector<Config>& cs) {
-  std::vector<Config> r;
-  for (DType t : {DType::f32, DType::f16, DType::bf16})
-    for (Config c : cs) {
-      c.dtype = t;
-      r.push_back(c);
-    }
-  return r;
-}
-
 // Seqlens {1, 7, 63, 64, 65, 127, 128, 129, 1013} x head dims {32, 40, 64, 80, 96, 128, 192, 256}:
 // a diagonal pairing plus extra pairs so that every seqlen appears as seqlen_q and as seqlen_k,
 // both sq < sk and sq > sk, and every head dim at least twice. 1013 only with few heads (the

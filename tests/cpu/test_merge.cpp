@@ -10,18 +10,6 @@
 namespace fa_test {
 namespace {
 
-Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d, int dv = 0) {
-  Config c;
-  c.batch = batch;
-  c.sq = sq;
-  c.sk = sk;
-  c.heads = heads;
-  c.heads_k = heads_k;
-  c.d = d;
-  c.dv = dv;
-  return c;
-}
-
 // Keys [lo, hi) of a (b, s, h, d) view.
 Tensor key_slice(Tensor t, int64_t lo, int64_t hi) {
   t.data = static_cast<uint8_t*>(t.data) + lo * t.stride[1] * int64_t(flashattn::dtype_size(t.dtype));

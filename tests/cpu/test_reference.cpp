@@ -110,18 +110,6 @@ Naive naive_forward(const Problem& p) {
   return r;
 }
 
-Config cfg(int batch, int sq, int sk, int heads, int heads_k, int d, int dv = 0) {
-  Config c;
-  c.batch = batch;
-  c.sq = sq;
-  c.sk = sk;
-  c.heads = heads;
-  c.heads_k = heads_k;
-  c.d = d;
-  c.dv = dv;
-  return c;
-}
-
 // Small problems through every option, fp32 and bf16 inputs (the oracle reads either exactly).
 std::vector<Config> semantic_cases() {
   std::vector<Config> cs;
