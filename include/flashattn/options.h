@@ -25,6 +25,10 @@ struct Options {
   // on that length. Each value must lie in [0, seqlen_k] (varlen: [0, that sequence's keys]);
   // CPU tensors are checked, CUDA ones trusted (reading them would synchronise the host).
   std::optional<Tensor> seqused_k;
+  // Forward only: int32 (batch), flash_attn v3's seqused_q. Sequence b uses only the first
+  // seqused_q[b] of its query rows (the rest of its rows are neither read nor written); causal /
+  // window / ALiBi align on that length. Each value in [0, that sequence's rows].
+  std::optional<Tensor> seqused_q;
   // Attention sinks (gpt-oss; flash-attn-4's learnable_sink, transformers' s_aux): fp32 (heads),
   // on the tensors' device. Head h's sink is a logit that joins every row's softmax denominator
   // without a value: LSE' = log(exp(LSE) + exp(sinks[h])), O' = O * exp(LSE - LSE'). Neither the

@@ -56,6 +56,12 @@ def _pad_head_dims(q, k, v, opts):
     return up(q), up(k), up(v), dv
 
 
+def _mixed(k, v):
+    """q is a torch tensor: k and v must be too."""
+    name, x = ("k", k) if not isinstance(k, _Tensor) else ("v", v)
+    raise error(name, "a torch tensor (q is one: numpy and torch inputs do not mix)", type(x).__name__)
+
+
 def _numpy_attention(q, k, v, opts):
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k, "k", 4, _BATCHED)
@@ -64,21 +70,23 @@ def _numpy_attention(q, k, v, opts):
 
 
 def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, opts, page_table,
-                      seqused_k, want_lse):
+                      seqused_k, seqused_q, want_lse):
     check_dropout(dropout_p)
     check_rank(q, "q", 3, _PACKED)
     paged_layout = "(num_pages, page_size, heads_k, head_dim) (a paged cache)"
     check_rank(k, "k", 4 if page_table is not None else 3, paged_layout if page_table is not None else _PACKED)
     check_rank(v, "v", 4 if page_table is not None else 3, paged_layout if page_table is not None else _PACKED)
     if isinstance(q, _Tensor):
+        if not (isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+            _mixed(k, v)
         head_dim_v = None
-        if page_table is None and seqused_k is None:
+        if page_table is None:
             q, k, v, head_dim_v = _pad_head_dims(q, k, v, opts)
         out, lse = _ops.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                       opts, want_lse, seqused_k, page_table)
+                                       opts, want_lse, seqused_k, page_table, seqused_q)
         return (out if head_dim_v is None else out[..., :head_dim_v]), lse
     return _numpy.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts, page_table,
-                                 seqused_k)
+                                 seqused_k, seqused_q)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
@@ -94,6 +102,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     opts = AttentionOptions.of(softmax_scale, causal, window_size, softcap, alibi_slopes,
                                _sinks(sinks, learnable_sink), deterministic)
     if isinstance(q, _Tensor):  # a decode step's call: straight to the torch route, the C++ library checks
+        if not (isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+            _mixed(k, v)
         head_dim_v = None
         if q.is_cuda and (q.shape[-1] % 8 or v.shape[-1] % 8):
             q, k, v, head_dim_v = _pad_head_dims(q, k, v, opts)
@@ -128,18 +138,19 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, page_table=None,
-                           seqused_k=None, sinks=None, learnable_sink=None):
+                           seqused_k=None, seqused_q=None, sinks=None, learnable_sink=None):
     """Packed sequences: q (total_q, heads, d), k/v (total_k, heads_k, d), cu_seqlens_* int32 (batch + 1)
     -> out (total_q, heads, d_v); softmax_lse is (heads, total_q). On CUDA the cu_seqlens values are
     trusted (reading them would synchronise): max_seqlen_* must bound every sequence.
     block_table (v3: page_table) int32 (batch, pages_per_seq): k/v are paged caches (num_pages, page_size,
     heads_k, d), sequence b's keys in its pages from slot 0, cu_seqlens_k giving the lengths (or seqused_k:
-    keys used per sequence). Paged calls and seqused_k are forward only."""
+    keys used per sequence). seqused_q (v3): only the first seqused_q[b] query rows of each sequence are
+    used (the output's other rows are zeros). Paged calls, seqused_k and seqused_q are forward only."""
     opts = AttentionOptions.of(softmax_scale, causal, window_size, softcap, alibi_slopes,
                                _sinks(sinks, learnable_sink), deterministic)
     out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, opts,
                                  one_of(block_table, page_table, "block_table", "page_table"), seqused_k,
-                                 return_attn_probs)
+                                 seqused_q, return_attn_probs)
     return (out, lse, None) if return_attn_probs else out
 
 

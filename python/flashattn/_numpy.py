@@ -55,15 +55,16 @@ def forward(q, k, v, opts):
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts, page_table=None,
-                   seqused_k=None):
+                   seqused_k=None, seqused_q=None):
     """Packed q (total_q, h, d), k/v (total_k, hk, d) or paged caches -> out (total_q, h, dv), lse fp32 (h, total_q)."""
     q, k, v = (last_dim_contiguous(_array(x, n)) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
-    lse = np.empty((q.shape[1], q.shape[0]), dtype=np.float32)
+    # Rows past seqused_q are not written: zeros, as the torch route gives.
+    out = (np.zeros if seqused_q is not None else np.empty)(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf, dtype=np.float32)
     _C.forward_varlen(q, k, v, out, lse, _array(cu_seqlens_q, "cu_seqlens_q"), _array(cu_seqlens_k, "cu_seqlens_k"),
                       int(max_seqlen_q), int(max_seqlen_k), **_option_kwargs(opts),
                       seqused_k=_index(seqused_k, "seqused_k"), sinks=_sinks(opts.sinks),
-                      page_table=_index(page_table, "page_table"))
+                      page_table=_index(page_table, "page_table"), seqused_q=_index(seqused_q, "seqused_q"))
     return out, lse
 
 

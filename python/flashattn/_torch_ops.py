@@ -169,16 +169,20 @@ def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, soft
 
 def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
                 window_right, softcap, alibi_slopes, sinks, deterministic, num_splits, want_lse, seqused_k=None,
-                page_table=None):
+                page_table=None, seqused_q=None, zero_out=False):
     """Packed sequences: (out, lse), lse None when not wanted. page_table: k/v are paged caches."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     out = _empty_out(q, v)
     lse = _varlen_lse(q) if want_lse else None
+    if zero_out and seqused_q is not None:  # rows past seqused_q are not written by the kernels
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
     _C.forward_varlen(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
                       None if lse is None else _to_dlpack(lse), _to_dlpack(cu_seqlens_q), _to_dlpack(cu_seqlens_k),
                       max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
                       _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q), _capsule(seqused_k),
-                      _capsule(sinks), _capsule(page_table))
+                      _capsule(sinks), _capsule(page_table), _capsule(seqused_q))
     return out, lse
 
 
@@ -461,18 +465,20 @@ def forward(q, k, v, opts, want_lse=True):
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts, want_lse=True,
-                   seqused_k=None, page_table=None):
+                   seqused_k=None, page_table=None, seqused_q=None):
     """flash_attn_varlen_func's route -> (out, softmax_lse); softmax_lse as in forward(). A paged cache
-    (page_table) or seqused_k: forward only (a KV cache is not differentiated)."""
+    (page_table), seqused_k or seqused_q: forward only (as in flash_attn v3). Rows past seqused_q are not
+    written: they hold zeros here (flash_attn leaves them unspecified)."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts.softmax_scale, opts.causal,
             opts.window_left, opts.window_right, opts.softcap, opts.alibi_slopes)
-    if page_table is not None or seqused_k is not None:
+    if page_table is not None or seqused_k is not None or seqused_q is not None:
         if _wants_grad(q, k, v, opts.sinks):
-            raise error("page_table" if page_table is not None else "seqused_k",
-                        "inputs that need no gradient (a paged / partly used KV cache is inference only)",
+            name = "page_table" if page_table is not None else "seqused_k" if seqused_k is not None else "seqused_q"
+            raise error(name, "inputs that need no gradient (paged caches, seqused_k and seqused_q are forward-only)",
                         "inputs that require grad")
-        return _run_varlen(*args, _fp32_sinks(opts.sinks), False, 0, want_lse, _seqused(seqused_k, "seqused_k"),
-                           _seqused(page_table, "page_table"))
+        out, lse = _run_varlen(*args, _fp32_sinks(opts.sinks), False, 0, want_lse, _seqused(seqused_k, "seqused_k"),
+                               _seqused(page_table, "page_table"), _seqused(seqused_q, "seqused_q"), zero_out=True)
+        return out, lse
     if _plain_eager(q, k, v):
         if _wants_grad(q, k, v, opts.sinks):
             return _EagerVarlenAttention.apply(*args, opts.sinks, opts.deterministic)

@@ -131,19 +131,22 @@ NB_MODULE(_C, m) {
       [](Array q, Array k, Array v, Array out, std::optional<Array> lse, Array cu_q, Array cu_k, int max_q,
          int max_k, std::optional<float> scale, bool causal, int wl, int wr, float softcap,
          std::optional<Array> alibi, bool det, int threads, int splits, uintptr_t stream,
-         std::optional<Array> seqused_k, std::optional<Array> sinks, std::optional<Array> page_table) {
+         std::optional<Array> seqused_k, std::optional<Array> sinks, std::optional<Array> page_table,
+         std::optional<Array> seqused_q) {
         fa::Tensor tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), to = view(out, "out"),
                    tl = lse_view(lse);
         fa::VarlenLayout lay = layout(cu_q, cu_k, max_q, max_k);
         lay.page_table = view(page_table, "page_table");
         fa::Options o = options(scale, causal, wl, wr, softcap, alibi, det, threads, splits, stream);
         o.seqused_k = view(seqused_k, "seqused_k");
+        o.seqused_q = view(seqused_q, "seqused_q");
         o.sinks = view(sinks, "sinks");
         nb::gil_scoped_release release;
         fa::forward_varlen(tq, tk, tv, to, tl, lay, o);
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "cu_seqlens_q"_a, "cu_seqlens_k"_a, "max_seqlen_q"_a,
-      "max_seqlen_k"_a, FA_OPTION_ARGS, FA_SEQUSED_K_ARG, "page_table"_a.none() = nb::none());
+      "max_seqlen_k"_a, FA_OPTION_ARGS, FA_SEQUSED_K_ARG, "page_table"_a.none() = nb::none(),
+      "seqused_q"_a.none() = nb::none());
 
   m.def(
       "backward_varlen",

@@ -95,7 +95,13 @@ fa::Tensor eager_view(PyObject* o, const char* name) {
     else
       throw fa::Error(name, "an unused DLPack capsule", std::string("a capsule named '") + (tag ? tag : "") + "'");
   } else if (const DLPackExchangeAPI* api = exchange_api(Py_TYPE(o))) {
-    if (api->dltensor_from_py_object_no_sync(o, &local) != 0) throw nb::python_error();
+    if (api->dltensor_from_py_object_no_sync(o, &local) != 0) {
+      // torch refuses to describe it (a meta tensor, say): name the argument, keep torch's first line.
+      nb::python_error e;
+      std::string why = e.what();
+      why = why.substr(0, why.find('\n'));
+      throw fa::Error(name, "a CPU or CUDA tensor with data (DLPack)", why);
+    }
     dl = &local;
   } else {
     throw fa::Error(name, "a torch tensor (DLPack C exchange API) or a DLPack capsule", Py_TYPE(o)->tp_name);

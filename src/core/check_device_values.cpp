@@ -66,6 +66,7 @@ void gather(AttnParams& p, Gather& g, std::vector<int64_t>& offsets) {
   offsets = {p.cu_seqlens_q ? g.add(p.cu_seqlens_q, p.batch + 1) : -1,
              p.cu_seqlens_k ? g.add(p.cu_seqlens_k, p.batch + 1) : -1,
              p.seqused_k ? g.add(p.seqused_k, p.batch) : -1,
+             p.seqused_q ? g.add(p.seqused_q, p.batch) : -1,
              p.kv_batch_idx ? g.add(p.kv_batch_idx, p.batch) : -1,
              p.k_leftpad ? g.add(p.k_leftpad, p.batch) : -1,
              // The table's rows as laid out (row stride >= pages_per_seq): the whole span.
@@ -78,13 +79,15 @@ void redirect(AttnParams& p, const Gather& g, const std::vector<int64_t>& o) {
   if (o[0] >= 0) p.cu_seqlens_q = g.at(o[0]);
   if (o[1] >= 0) p.cu_seqlens_k = g.at(o[1]);
   if (o[2] >= 0) p.seqused_k = g.at(o[2]);
-  if (o[3] >= 0) p.kv_batch_idx = g.at(o[3]);
-  if (o[4] >= 0) p.k_leftpad = g.at(o[4]);
-  if (o[5] >= 0) p.page_table = g.at(o[5]);
+  if (o[3] >= 0) p.seqused_q = g.at(o[3]);
+  if (o[4] >= 0) p.kv_batch_idx = g.at(o[4]);
+  if (o[5] >= 0) p.k_leftpad = g.at(o[5]);
+  if (o[6] >= 0) p.page_table = g.at(o[6]);
 }
 
 bool has_device_values(const AttnParams& p) {
-  return p.cu_seqlens_q || p.cu_seqlens_k || p.seqused_k || p.kv_batch_idx || p.k_leftpad || p.page_table;
+  return p.cu_seqlens_q || p.cu_seqlens_k || p.seqused_k || p.seqused_q || p.kv_batch_idx || p.k_leftpad ||
+         p.page_table;
 }
 
 }  // namespace
@@ -100,6 +103,7 @@ void check_device_values(const AttnParams& params) {
   if (p.cu_seqlens_q) check_cu_seqlens_values(p.cu_seqlens_q, "cu_seqlens_q", p.batch, p.total_q, int(p.seqlen_q), "max_seqlen_q");
   if (p.cu_seqlens_k) check_cu_seqlens_values(p.cu_seqlens_k, "cu_seqlens_k", p.batch, p.total_k, int(p.seqlen_k), "max_seqlen_k");
   if (p.seqused_k) check_seqused_k_values(p);
+  if (p.seqused_q) check_seqused_q_values(p);
   check_page_ids(p, "page_table");
 }
 

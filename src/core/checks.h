@@ -33,6 +33,7 @@ void check_options(const Options& o, AttnParams& p);
 void check_cu_seqlens_values(const int32_t* cu, const char* name, int batch, int64_t total_rows, int max_seqlen,
                              const char* max_name);
 void check_seqused_k_values(const AttnParams& p);
+void check_seqused_q_values(const AttnParams& p);
 bool lse_omitted(const Tensor& lse);
 void check_lse(const Tensor& lse, AttnParams& p, bool varlen);
 

@@ -31,6 +31,8 @@ struct AttnParams {
   // Keys sequence b uses: the first seqused_k[b] of its rows (a KV cache filled to that length).
   // Null: all of them. seqlen_k (and cu_seqlens_k) still give where each sequence's rows are.
   const int32_t* seqused_k = nullptr;
+  // Query rows sequence b uses (flash_attn v3's seqused_q): the first seqused_q[b]. Null: all.
+  const int32_t* seqused_q = nullptr;
   int64_t total_q = 0;  // rows of q in all (varlen), batch * seqlen_q otherwise
   int64_t total_k = 0;  // varlen: rows of k (INT64_MAX for a paged cache); for FLASHATTN_CHECK_LENGTHS
 
@@ -82,6 +84,7 @@ struct AttnParams {
   FA_HOST_DEVICE int64_t q_begin(int b) const { return cu_seqlens_q ? cu_seqlens_q[b] : 0; }
   FA_HOST_DEVICE int64_t k_begin(int b) const { return cu_seqlens_k ? cu_seqlens_k[b] : 0; }
   FA_HOST_DEVICE int64_t len_q(int b) const {
+    if (seqused_q) return seqused_q[b];
     return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q;
   }
   FA_HOST_DEVICE int64_t k_start(int b) const { return k_leftpad ? k_leftpad[b] : 0; }
@@ -194,6 +197,7 @@ struct MergeParams {
   // Varlen outputs (the split-KV forward): sequence b's row i lands on packed row cu[b] + i,
   // and rows past its length are skipped. Null: fixed-length rows.
   const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* seqused_q = nullptr;  // rows past seqused_q[b] are skipped (not written)
   // Attention sinks (core/sink.h), fp32 (heads): folded in once, after the splits are combined.
   const float* sinks = nullptr;
   int num_threads = 0;

@@ -156,6 +156,23 @@ void check_seqused_k_values(const AttnParams& p) {
   }
 }
 
+// seqused_q: int32 (batch); on the CPU every value within its sequence's rows.
+void check_seqused_q(const Options& o, AttnParams& p) {
+  if (!o.seqused_q) return;
+  check_index_vector(*o.seqused_q, "seqused_q", p.batch, p.device, "(query rows used per sequence)");
+  p.seqused_q = static_cast<const int32_t*>(o.seqused_q->data);
+  if (p.device.kind == DeviceKind::cpu) check_seqused_q_values(p);
+}
+
+void check_seqused_q_values(const AttnParams& p) {
+  for (int b = 0; b < p.batch; ++b) {
+    const int64_t rows = p.cu_seqlens_q ? int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b] : p.seqlen_q;
+    if (p.seqused_q[b] < 0 || p.seqused_q[b] > rows)
+      throw Error("seqused_q", "values in [0, " + str(rows) + "] (the query rows of sequence " + str(b) + ")",
+                  str(p.seqused_q[b]) + " at index " + str(b));
+  }
+}
+
 // sinks: fp32 (heads), one logit per query head (core/sink.h).
 void check_sinks(const Options& o, AttnParams& p) {
   if (!o.sinks) return;
@@ -215,6 +232,7 @@ void check_options(const Options& o, AttnParams& p) {
   p.stream = o.stream;
   check_alibi(o, p);
   check_seqused_k(o, p);
+  check_seqused_q(o, p);
   check_sinks(o, p);
 }
 
@@ -398,6 +416,8 @@ BwdParams check_backward(const Tensor& dout, const Tensor& q, const Tensor& k, c
   if (options.seqused_k)
     throw Error("seqused_k", "unset in the backward (it serves decoding with a KV cache, a forward-only use)",
                 "a tensor");
+  if (options.seqused_q)
+    throw Error("seqused_q", "unset in the backward (a forward-only option, as in flash_attn v3)", "a tensor");
   if (layout && layout->page_table)
     throw Error("page_table", "unset in the backward (a paged KV cache serves inference, a forward-only use)",
                 "a tensor");

@@ -231,6 +231,7 @@ KVCacheParams check_kvcache(const Tensor& q, const Tensor& k_new, const Tensor& 
 
   if (options.seqused_k)
     throw Error("seqused_k", "unset in forward_kvcache (the cache's lengths are cache_seqlens)", "a tensor");
+  if (options.seqused_q) throw Error("seqused_q", "unset in forward_kvcache (every query row is used)", "a tensor");
   check_options(options, p);
   // The attention's keys: the used slots after the append. Without cache_seqlens every row is full.
   p.seqused_k = kp.cache_seqlens;

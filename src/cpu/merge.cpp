@@ -18,6 +18,7 @@ void merge(const MergeParams& m) {
     const int h = int(r % m.heads);
     const int64_t i = (r / m.heads) % m.seqlen_q;
     const int b = int(r / (int64_t(m.heads) * m.seqlen_q));
+    if (m.seqused_q && i >= m.seqused_q[b]) continue;  // a row the sequence does not use: not written
     int64_t out_row = i;
     if (m.cu_seqlens_q) {
       if (i >= m.cu_seqlens_q[b + 1] - m.cu_seqlens_q[b]) continue;

@@ -11,6 +11,9 @@
 namespace flashattn::cuda {
 
 void forward(const AttnParams& params);
+// Throws what forward(params) would throw before launching (dtype, 16-byte rows, an instantiated
+// head dim): forward_kvcache calls it before its append, so a call the kernels refuse writes nothing.
+void check_forward_supported(const AttnParams& params);
 // The name of the kernel forward(params) runs ("flash_fwd_sm90<...>" or "flash_fwd_sm80<...>"),
 // after the FLASHATTN_CUDA_FORWARD override (cuda/sm90/dispatch.h).
 std::string forward_kernel(const AttnParams& params);

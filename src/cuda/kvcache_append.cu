@@ -132,6 +132,7 @@ void forward_kvcache(const KVCacheParams& kp) {
   if (p.batch > 65535) throw Error("q", "a batch of at most 65535 on CUDA (the append grid)", std::to_string(p.batch));
   DeviceGuard guard(p.device.index);
   require_sm80(p.device.index, "the CUDA kvcache forward");
+  check_forward_supported(p);  // everything the forward could still refuse, before the first write
   auto stream = static_cast<cudaStream_t>(p.stream);
   if (p.dtype == DType::bf16)
     run<__nv_bfloat16>(kp, stream);

@@ -308,3 +308,60 @@ def test_window_size_any_pair_and_causal_sets_right_to_zero(kind):
     close(flashattn.flash_attn_func(q, k, v, window_size=window), attention(q, k, v, window=(3, 2))[0])
     # causal=True with a window: flash_attn takes the right window as 0
     close(flashattn.flash_attn_func(q, k, v, causal=True, window_size=window), attention(q, k, v, window=(3, 0))[0])
+
+
+# ---- seqused_q (flash_attn v3) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_varlen_seqused_q_uses_only_the_first_rows(lib):
+    """Sequence b uses its first seqused_q[b] query rows (causal aligned on that length); the other rows
+    are zeros (not written)."""
+    if lib == "torch" and torch is None:
+        pytest.skip("torch not installed")
+    lens_q, lens_k, used_q = [5, 3, 4], [7, 2, 9], [2, 3, 0]
+    q, k, v = randn(sum(lens_q), 4, 16), randn(sum(lens_k), 2, 16), randn(sum(lens_k), 2, 16)
+    cu_q = np.cumsum([0] + lens_q).astype(np.int32)
+    cu_k = np.cumsum([0] + lens_k).astype(np.int32)
+    args = [q, k, v, cu_q, cu_k, 5, 9]
+    used = np.array(used_q, np.int32)
+    if lib == "torch":
+        args = [torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in args]
+        used = torch.from_numpy(used)
+    out = np.asarray(flashattn.flash_attn_varlen_func(*args, causal=True, seqused_q=used))
+    for b in range(3):
+        rows = out[cu_q[b]:cu_q[b + 1]]
+        ref, _ = attention(q[cu_q[b]:cu_q[b] + used_q[b]][None], k[cu_k[b]:cu_k[b + 1]][None],
+                           v[cu_k[b]:cu_k[b + 1]][None], causal=True)
+        close(rows[:used_q[b]], ref[0])
+        assert np.all(rows[used_q[b]:] == 0)
+    with pytest.raises(ValueError, match="'seqused_q'"):
+        bad = np.array([6, 0, 0], np.int32) if lib == "numpy" else torch.tensor([6, 0, 0], dtype=torch.int32)
+        flashattn.flash_attn_varlen_func(*args, seqused_q=bad)  # past sequence 0's 5 rows
+
+
+# ---- clear errors for what does not fit (issue 10 item 7) --------------------------------------------
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_dtype_messages_say_the_same_thing(lib):
+    if lib == "torch" and torch is None:
+        pytest.skip("torch not installed")
+    conv = (lambda x: x) if lib == "numpy" else torch.from_numpy
+    q64 = conv(np.random.default_rng(0).standard_normal((1, 4, 2, 8)))
+    with pytest.raises(ValueError, match="'q': expected float32, float16 or bfloat16, got float64"):
+        flashattn.flash_attn_func(q64, q64, q64)
+    q = conv(randn(4, 2, 8))
+    cu = conv(np.array([0, 2, 4], np.int64))
+    with pytest.raises(ValueError, match="'cu_seqlens_q': expected int32, got int64"):
+        flashattn.flash_attn_varlen_func(q, q, q, cu, cu, 2, 2)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+def test_meta_and_mixed_inputs_name_the_argument():
+    meta = torch.empty(1, 4, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="'q'"):
+        flashattn.flash_attn_func(meta, meta, meta)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="'k'.*numpy and torch"):
+        flashattn.flash_attn_func(q, q.numpy(), q)
+    with pytest.raises(ValueError, match="'k'.*numpy and torch"):
+        flashattn.flash_attn_func(q.numpy(), q, q)
