@@ -365,3 +365,35 @@ def test_meta_and_mixed_inputs_name_the_argument():
         flashattn.flash_attn_func(q, q.numpy(), q)
     with pytest.raises(ValueError, match="'k'.*numpy and torch"):
         flashattn.flash_attn_func(q.numpy(), q, q)
+
+
+# ---- CUDA: a paged decode step with appends in a CUDA graph ------------------------------------------
+
+@pytest.mark.skipif(torch is None or not torch.cuda.is_available() or not flashattn.cuda_available(),
+                    reason="needs a CUDA device and a CUDA build")
+def test_cuda_graph_paged_decode_step_with_append():
+    """Captured once, replayed: appends (rotary) into a paged cache and attends, with no host
+    synchronisation (sync debug mode 'error' during capture and replay); equals the eager step."""
+    c = Case(batch=4, seqlen_q=1, new=1, heads=32, heads_k=8, d=128, capacity=2048, page_size=16, rotary_dim=128,
+             sinks=True, causal=True)
+    dev = lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)).cuda()  # noqa: E731
+    bf = lambda x: dev(x).to(torch.bfloat16)  # noqa: E731
+    kw = {k: (dev(v) if isinstance(v, np.ndarray) else v) for k, v in c.kwargs(np.asarray).items()}
+    kw["rotary_cos"], kw["rotary_sin"] = kw["rotary_cos"].bfloat16(), kw["rotary_sin"].bfloat16()
+    kw["return_softmax_lse"] = False
+    q, k_new, v_new = bf(c.q), bf(c.k_new), bf(c.v_new)
+    k_eager, v_eager = bf(c.k_cache), bf(c.v_cache)
+    k_graph, v_graph = k_eager.clone(), v_eager.clone()
+    expect = flashattn.flash_attn_with_kvcache(q, k_eager, v_eager, k_new, v_new, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            out = flashattn.flash_attn_with_kvcache(q, k_graph, v_graph, k_new, v_new, **kw)
+        graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.equal(out, expect)
+    assert torch.equal(k_graph, k_eager) and torch.equal(v_graph, v_eager)
