@@ -14,6 +14,9 @@ GQA: each backend first gets enable_gqa=True (8 KV heads, as we read them); a ba
 it gets K/V expanded to 32 heads (repeat_interleave, outside the timing), and the table says
 which. K/V sets are rotated so that no call finds its K/V in L2 (as flashattn-gpu-bench --rotate-kv does).
 --splits-sweep also times ours at fixed num_splits values for the key lengths it names.
+--paged-sizes (default 16,256) times flashattn.flash_attn_with_kvcache through the Python API, as serving
+engines call it, on a contiguous cache and on paged caches (block_table, pages in a shuffled order) of those
+page sizes, same lengths (cache_seqlens tensor): the paged/contiguous ratio is issue 13's >= 0.95 target.
 Prints a Markdown table with ratios and writes NAME.json and NAME.md under --out.
 """
 import argparse
@@ -129,6 +132,36 @@ def time_sdpa(b, s, warmup, iters, l2_bytes):
     return result
 
 
+def time_python_kvcache(b, s, page_size, warmup, iters, l2_bytes):
+    """Median ms of flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=...) through the Python API;
+    page_size 0: a contiguous (b, s, 8, 128) cache, else paged (num_pages, page_size, 8, 128) with a shuffled
+    block_table. K/V sets rotate so that no call finds them in L2."""
+    import flashattn
+
+    copies = max(1, min(8, -(-4 * l2_bytes // kv_bytes(b, s))))
+    q = torch.randn(b, 1, HEADS, D, device="cuda", dtype=torch.bfloat16)
+    seqlens = torch.full((b,), s, dtype=torch.int32, device="cuda")
+    sets = []
+    for _ in range(copies):
+        if page_size == 0:
+            k = torch.randn(b, s, HEADS_K, D, device="cuda", dtype=torch.bfloat16)
+            sets.append((k, torch.randn_like(k), None))
+        else:
+            pages = b * (-(-s // page_size))
+            k = torch.randn(pages, page_size, HEADS_K, D, device="cuda", dtype=torch.bfloat16)
+            table = torch.randperm(pages, device="cuda", dtype=torch.int32).view(b, -1)
+            sets.append((k, torch.randn_like(k), table))
+
+    def call(i):
+        k, v, table = sets[i % copies]
+        flashattn.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, block_table=table)
+
+    ms = median_ms(call, warmup, iters)
+    del q, sets
+    torch.cuda.empty_cache()
+    return ms
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", required=True, help="path of flashattn-gpu-bench")
@@ -140,6 +173,8 @@ def main():
     ap.add_argument("--splits-sweep",
                     default="1:32768:8/16/33/66,16:131072:1/2",
                     help="B:S:N1/N2/..[,...]: also time ours at these fixed num_splits for (batch B, keys S)")
+    ap.add_argument("--paged-sizes", default="16,256",
+                    help="page sizes for the paged-vs-contiguous table through the Python API ('' skips it)")
     ap.add_argument("--name", default="decode")
     ap.add_argument("--baseline", help="also time this flashattn-gpu-bench (built from another commit)")
     args = ap.parse_args()
@@ -219,13 +254,31 @@ def main():
         for r in sweep_rows:
             lines.append(f"| {r['batch']} | {r['seqlen'] // 1024}k | {r['num_splits']} | {r['tbps']:.2f} | "
                          f"{r['ms'] * 1e3:.1f} |")
+    paged_sizes = [int(x) for x in args.paged_sizes.split(",") if x]
+    paged_rows = []
+    if paged_sizes:
+        lines += ["", "Through the Python API (flash_attn_with_kvcache, cache_seqlens tensor): contiguous cache vs "
+                  "paged (block_table, shuffled pages); TB/s as above, ratio = paged / contiguous time⁻¹.", "",
+                  "| batch | keys | contiguous TB/s (µs) | " + " | ".join(f"page {p} TB/s (µs), ratio" for p in paged_sizes)
+                  + " |", "|---|---|---|" + "---|" * len(paged_sizes)]
+        for b, s in shapes:
+            contiguous = time_python_kvcache(b, s, 0, args.warmup, args.iters, l2_bytes)
+            row = {"batch": b, "seqlen_k": s, "contiguous_ms": contiguous}
+            cells = []
+            for p in paged_sizes:
+                ms = time_python_kvcache(b, s, p, args.warmup, args.iters, l2_bytes)
+                row[f"page{p}_ms"] = ms
+                cells.append(f"{io_bytes(b, s) / (ms * 1e-3) / 1e12:.2f} ({ms * 1e3:.1f}), {contiguous / ms:.2f}")
+            paged_rows.append(row)
+            lines.append(f"| {b} | {s // 1024}k | {io_bytes(b, s) / (contiguous * 1e-3) / 1e12:.2f} "
+                         f"({contiguous * 1e3:.1f}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     (out / f"{args.name}.md").write_text(table + "\n")
     (out / f"{args.name}.json").write_text(json.dumps(
         {"device": dev, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
          "copy_tbps": copy, "read_tbps": read_tbps, "torch_sum_read_tbps": torch_read, "rows": rows,
-         "ours_all": list(ours.values())}, indent=1))
+         "ours_all": list(ours.values()), "python_paged": paged_rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,17 @@ struct Options {
   // on that length. Each value must lie in [0, seqlen_k] (varlen: [0, that sequence's keys]);
   // CPU tensors are checked, CUDA ones trusted (reading them would synchronise the host).
   std::optional<Tensor> seqused_k;
+  // Forward only: int32 (batch), flash_attn v3's seqused_q. Sequence b uses only the first
+  // seqused_q[b] of its query rows (the rest of its rows are neither read nor written); causal /
+  // window / ALiBi align on that length. Each value in [0, that sequence's rows].
+  std::optional<Tensor> seqused_q;
+  // Attention sinks (gpt-oss; flash-attn-4's learnable_sink, transformers' s_aux): fp32 (heads),
+  // on the tensors' device. Head h's sink is a logit that joins every row's softmax denominator
+  // without a value: LSE' = log(exp(LSE) + exp(sinks[h])), O' = O * exp(LSE - LSE'). Neither the
+  // softmax scale nor softcap applies to it. A row that sees no key gets O = 0 and LSE = sinks[h].
+  // The backward takes the forward's LSE' (it already holds the sink); sink_gradient() gives
+  // the sinks' own gradient.
+  std::optional<Tensor> sinks;
   // Backward: bitwise-identical results run to run.
   bool deterministic = false;
 

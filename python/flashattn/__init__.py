@@ -14,9 +14,13 @@ flashattn's backward (gradients in the input dtype), torch.compile(fullgraph=Tru
 without a graph break, and the CUDA forward never synchronises with the host (CUDA-graph capturable).
 ``import flashattn`` needs numpy alone; it imports torch when torch is installed.
 
-Not supported yet (NotImplementedError naming the argument): dropout (``dropout_p`` must be 0),
-paged KV caches (``block_table``), rotary embedding in the kv-cache call, ``cache_batch_idx``,
-``cache_leftpad``, SDPA's ``attn_mask``. ``return_attn_probs=True`` returns ``(out, softmax_lse,
+Serving: ``flash_attn_with_kvcache`` and ``flash_attn_varlen_func`` take paged caches (``block_table`` /
+``page_table``, any page size), rotary embedding fused with the append, ``cache_batch_idx``, ``cache_leftpad``
+and attention ``sinks``; a rejected call writes nothing. GPU-resident lengths are trusted unless
+``set_check_lengths(True)`` (or FLASHATTN_CHECK_LENGTHS=1) checks them with one synchronisation per call.
+
+Not supported yet (NotImplementedError naming the argument): dropout (``dropout_p`` must be 0), SDPA's
+``attn_mask``. ``return_attn_probs=True`` returns ``(out, softmax_lse,
 None)``: flash_attn's third value is the dropout mask, which only exists with dropout. The LSE output
 is not differentiable (as in flash_attn).
 """
@@ -36,6 +40,8 @@ from ._kvcache import flash_attn_with_kvcache
 from ._sdpa import scaled_dot_product_attention
 
 __version__ = _C.version()
+set_check_lengths = _C.set_check_lengths
+check_lengths = _C.check_lengths
 
 __all__ = [
     "flash_attn_func",
@@ -47,6 +53,8 @@ __all__ = [
     "flash_attn_with_kvcache",
     "scaled_dot_product_attention",
     "cuda_available",
+    "set_check_lengths",
+    "check_lengths",
 ]
 
 

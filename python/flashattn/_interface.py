@@ -5,7 +5,7 @@ CUDA graphs)."""
 from __future__ import annotations
 
 from . import _numpy
-from ._checks import NO_WINDOW, check_dropout, check_rank, error, scale_or_none, unsupported, window_pair
+from ._checks import NO_WINDOW, AttentionOptions, check_dropout, check_rank, error, one_of
 
 try:
     import torch
@@ -27,46 +27,91 @@ _BATCHED = "(batch, seqlen, heads, head_dim)"
 _PACKED = "(total_tokens, heads, head_dim)"
 
 
-def _numpy_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
-    left, right = window_pair(window_size)
+def _sinks(sinks, learnable_sink):
+    """flash-attn-4 calls the attention sinks learnable_sink; transformers passes s_aux (same values)."""
+    return one_of(learnable_sink, sinks, "learnable_sink", "sinks")
+
+
+# CUDA kernels move rows as 16-byte vectors: head dims that are not a multiple of 8 are padded with zeros
+# (extra dims add 0 to every score and produce columns that are sliced off), as flash_attn does. Autograd
+# flows through the pad and the slice, so gradients come back unpadded.
+_CUDA_HEAD_DIM_MULTIPLE = 8
+
+
+def _pad_head_dims(q, k, v, opts):
+    """-> (q, k, v, head_dim_v to slice the output to, or None when nothing was padded)."""
+    if not q.is_cuda:
+        return q, k, v, None
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % _CUDA_HEAD_DIM_MULTIPLE == 0 and dv % _CUDA_HEAD_DIM_MULTIPLE == 0:
+        return q, k, v, None
+    if opts.softmax_scale is None:  # the scale of the real head dim, not the padded one
+        opts.softmax_scale = d ** -0.5
+    pad = torch.nn.functional.pad
+
+    def up(x):
+        extra = -x.shape[-1] % _CUDA_HEAD_DIM_MULTIPLE
+        return pad(x, (0, extra)) if extra else x
+
+    return up(q), up(k), up(v), dv
+
+
+def _mixed(k, v):
+    """q is a torch tensor: k and v must be too."""
+    name, x = ("k", k) if not isinstance(k, _Tensor) else ("v", v)
+    raise error(name, "a torch tensor (q is one: numpy and torch inputs do not mix)", type(x).__name__)
+
+
+def _numpy_attention(q, k, v, opts):
     check_rank(q, "q", 4, _BATCHED)
     check_rank(k, "k", 4, _BATCHED)
     check_rank(v, "v", 4, _BATCHED)
-    return _numpy.forward(q, k, v, scale_or_none(softmax_scale), bool(causal), left, right, float(softcap),
-                          alibi_slopes)
+    return _numpy.forward(q, k, v, opts)
 
 
-def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                      causal, window_size, softcap, alibi_slopes, deterministic, block_table, want_lse):
+def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, opts, page_table,
+                      seqused_k, seqused_q, want_lse):
     check_dropout(dropout_p)
-    if block_table is not None:
-        raise unsupported("block_table", "a paged KV cache")
-    left, right = window_pair(window_size)
     check_rank(q, "q", 3, _PACKED)
-    check_rank(k, "k", 3, _PACKED)
-    check_rank(v, "v", 3, _PACKED)
-    scale = scale_or_none(softmax_scale)
+    paged_layout = "(num_pages, page_size, heads_k, head_dim) (a paged cache)"
+    check_rank(k, "k", 4 if page_table is not None else 3, paged_layout if page_table is not None else _PACKED)
+    check_rank(v, "v", 4 if page_table is not None else 3, paged_layout if page_table is not None else _PACKED)
     if isinstance(q, _Tensor):
-        return _ops.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                   scale, bool(causal), left, right, float(softcap), alibi_slopes, bool(deterministic),
-                                   want_lse)
-    return _numpy.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                 bool(causal), left, right, float(softcap), alibi_slopes)
+        if not (isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+            _mixed(k, v)
+        head_dim_v = None
+        if page_table is None:
+            q, k, v, head_dim_v = _pad_head_dims(q, k, v, opts)
+        out, lse = _ops.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                       opts, want_lse, seqused_k, page_table, seqused_q)
+        return (out if head_dim_v is None else out[..., :head_dim_v]), lse
+    return _numpy.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts, page_table,
+                                 seqused_k, seqused_q)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None,
+                    learnable_sink=None):
     """q (batch, seqlen_q, heads, d), k (batch, seqlen_k, heads_k, d), v (batch, seqlen_k, heads_k, d_v)
     -> out (batch, seqlen_q, heads, d_v); with return_attn_probs, (out, softmax_lse (batch, heads, seqlen_q), None).
-    Causal and window masks are aligned bottom-right (query i sees key j iff j <= i + seqlen_k - seqlen_q)."""
+    Causal and window masks are aligned bottom-right (query i sees key j iff j <= i + seqlen_k - seqlen_q).
+    window_size: any pair (tuple, list, tensor); causal=True sets its right side to 0. sinks (learnable_sink):
+    one logit per head (heads,) that joins each row's softmax denominator without a value; differentiable."""
     if dropout_p:
         check_dropout(dropout_p)
+    opts = AttentionOptions.of(softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               _sinks(sinks, learnable_sink), deterministic)
     if isinstance(q, _Tensor):  # a decode step's call: straight to the torch route, the C++ library checks
-        left, right = NO_WINDOW if window_size is NO_WINDOW else window_pair(window_size)
-        out, lse = _ops.forward(q, k, v, None if softmax_scale is None else float(softmax_scale), bool(causal), left,
-                                right, float(softcap), alibi_slopes, bool(deterministic), return_attn_probs)
+        if not (isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+            _mixed(k, v)
+        head_dim_v = None
+        if q.is_cuda and (q.shape[-1] % 8 or v.shape[-1] % 8):
+            q, k, v, head_dim_v = _pad_head_dims(q, k, v, opts)
+        out, lse = _ops.forward(q, k, v, opts, return_attn_probs)
+        if head_dim_v is not None:
+            out = out[..., :head_dim_v]
     else:
-        out, lse = _numpy_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+        out, lse = _numpy_attention(q, k, v, opts)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -92,13 +137,20 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, page_table=None,
+                           seqused_k=None, seqused_q=None, sinks=None, learnable_sink=None):
     """Packed sequences: q (total_q, heads, d), k/v (total_k, heads_k, d), cu_seqlens_* int32 (batch + 1)
     -> out (total_q, heads, d_v); softmax_lse is (heads, total_q). On CUDA the cu_seqlens values are
-    trusted (reading them would synchronise): max_seqlen_* must bound every sequence."""
-    out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                 block_table, return_attn_probs)
+    trusted (reading them would synchronise): max_seqlen_* must bound every sequence.
+    block_table (v3: page_table) int32 (batch, pages_per_seq): k/v are paged caches (num_pages, page_size,
+    heads_k, d), sequence b's keys in its pages from slot 0, cu_seqlens_k giving the lengths (or seqused_k:
+    keys used per sequence). seqused_q (v3): only the first seqused_q[b] query rows of each sequence are
+    used (the output's other rows are zeros). Paged calls, seqused_k and seqused_q are forward only."""
+    opts = AttentionOptions.of(softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               _sinks(sinks, learnable_sink), deterministic)
+    out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, opts,
+                                 one_of(block_table, page_table, "block_table", "page_table"), seqused_k,
+                                 seqused_q, return_attn_probs)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -131,19 +131,20 @@ def _define(schema, kernel, fake):
     return getattr(torch.ops.flashattn, name).default
 
 
-_OPTIONS = "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes"
+_OPTIONS = ("float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
+            "Tensor? sinks")
 
 # ---- the forward calls themselves (operator kernels and the eager route) -------------------------
 
 
-def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
-                 num_splits, seqused_k, want_lse):
+def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
+                 deterministic, num_splits, seqused_k, want_lse):
     """Dense batches: (out, lse), lse None when not wanted (the C++ forward then skips it: one
     allocation less per call). seqused_k: int32 (batch) keys used per sequence, or None.
     The decode step's hot path: every line here is host time added to each call."""
     if _EXCHANGE_API and not want_lse:  # the usual layout: tested, allocated and run in C (~0.3 us less)
         out = _forward_eager_out(_empty_like, q, k, v, seqused_k, alibi_slopes, softmax_scale, causal, window_left,
-                                 window_right, softcap, deterministic, num_splits)
+                                 window_right, softcap, deterministic, num_splits, sinks)
         if out is not NotImplemented:
             return out, None
     if q.is_contiguous() and k.is_contiguous() and v.is_contiguous():  # one cheap test for the usual case
@@ -155,36 +156,42 @@ def _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, soft
     lse = _lse(q) if want_lse else None
     if _EXCHANGE_API:  # stream None: q's current CUDA stream, asked of torch in C
         _forward_eager(q, k, v, out, lse, seqused_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
-                       softcap, deterministic, num_splits, None)
+                       softcap, deterministic, num_splits, None, sinks)
     else:
         _forward_eager(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
                        None if lse is None else _to_dlpack(lse),
                        None if seqused_k is None else _to_dlpack(seqused_k),
                        None if alibi_slopes is None else _to_dlpack(alibi_slopes),
                        softmax_scale, causal, window_left, window_right, softcap, deterministic, num_splits,
-                       _raw_stream(q.get_device()) if q.is_cuda else 0)
+                       _raw_stream(q.get_device()) if q.is_cuda else 0, _capsule(sinks))
     return out, lse
 
 
 def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-                window_right, softcap, alibi_slopes, deterministic, num_splits, want_lse):
-    """Packed sequences: (out, lse), lse None when not wanted."""
+                window_right, softcap, alibi_slopes, sinks, deterministic, num_splits, want_lse, seqused_k=None,
+                page_table=None, seqused_q=None, zero_out=False):
+    """Packed sequences: (out, lse), lse None when not wanted. page_table: k/v are paged caches."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     out = _empty_out(q, v)
     lse = _varlen_lse(q) if want_lse else None
+    if zero_out and seqused_q is not None:  # rows past seqused_q are not written by the kernels
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
     _C.forward_varlen(_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
                       None if lse is None else _to_dlpack(lse), _to_dlpack(cu_seqlens_q), _to_dlpack(cu_seqlens_k),
                       max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
-                      _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q))
+                      _capsule(alibi_slopes), deterministic, 0, num_splits, _stream(q), _capsule(seqused_k),
+                      _capsule(sinks), _capsule(page_table), _capsule(seqused_q))
     return out, lse
 
 
 # ---- dense batches -------------------------------------------------------------------------------
 
 
-def _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
-                num_splits):
-    return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+def _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
+                deterministic, num_splits):
+    return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
                         deterministic, num_splits, None, True)
 
 
@@ -197,13 +204,31 @@ fwd = _define(f"fwd(Tensor q, Tensor k, Tensor v, {_OPTIONS}, bool deterministic
 
 
 def _bwd_kernel(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                deterministic):
+                sinks, deterministic):
     dout, q, k, v, out = (_dense_last(t) for t in (dout, q, k, v, out))
     dq, dk, dv = _grads(q, k, v)
     _C.backward(_to_dlpack(dout), _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
                 _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv), softmax_scale, causal, window_left, window_right,
-                softcap, _capsule(alibi_slopes), deterministic, 0, 0, _stream(q))
+                softcap, _capsule(alibi_slopes), deterministic, 0, 0, _stream(q), _capsule(sinks))
     return dq, dk, dv
+
+
+def _sink_grad(dout, out, lse, sinks, cu_seqlens_q=None, max_seqlen_q=0):
+    """d loss / d sinks (fp32, then the sinks' dtype), from the forward's out and LSE (core/sink.h)."""
+    dout = _dense_last(dout)
+    dsinks = torch.empty(sinks.shape, dtype=_F32, device=sinks.device)
+    _C.sink_gradient(_to_dlpack(dout), _to_dlpack(out), _to_dlpack(lse), _to_dlpack(_fp32_sinks(sinks)),
+                     _to_dlpack(dsinks), _capsule(cu_seqlens_q), max_seqlen_q, 0, _stream(out))
+    return dsinks.to(sinks.dtype)
+
+
+def _fp32_sinks(sinks):
+    """The kernels take fp32 contiguous sinks (other float dtypes are converted, as flash-attn-4 allows)."""
+    if sinks is None or (sinks.dtype is _F32 and sinks.is_contiguous()):
+        return sinks
+    if not sinks.is_floating_point():
+        raise error("sinks", "a floating-point tensor (one logit per head, fp32)", str(sinks.dtype))
+    return sinks.detach().to(_F32).contiguous()
 
 
 def _bwd_fake(dout, q, k, v, *rest):
@@ -215,18 +240,39 @@ bwd = _define(f"bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Te
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic, _ = inputs
-    ctx.save_for_backward(q, k, v, *output, alibi_slopes)
+    q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, deterministic, _ = inputs
+    ctx.save_for_backward(q, k, v, *output, alibi_slopes, sinks)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
     ctx.deterministic = deterministic
 
 
 def _fwd_backward(ctx, dout, _dlse):
     # The LSE output is not differentiable (as in flash_attn): its gradient is ignored.
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, alibi_slopes, sinks = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, sinks, ctx.deterministic)
+    dsinks = sink_bwd(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[9] else None
+    return dq, dk, dv, None, None, None, None, None, None, dsinks, None, None
 
+
+def _sink_bwd_kernel(dout, out, lse, sinks):
+    return _sink_grad(dout, out, lse, sinks)
+
+
+def _sink_bwd_fake(dout, out, lse, sinks):
+    return torch.empty(sinks.shape, dtype=sinks.dtype, device=sinks.device)
+
+
+sink_bwd = _define("sink_bwd(Tensor dout, Tensor output, Tensor softmax_lse, Tensor sinks) -> Tensor",
+                   _sink_bwd_kernel, _sink_bwd_fake)
+
+
+def _varlen_sink_bwd_kernel(dout, out, lse, sinks, cu_seqlens_q, max_seqlen_q):
+    return _sink_grad(dout, out, lse, sinks, cu_seqlens_q, max_seqlen_q)
+
+
+varlen_sink_bwd = _define("varlen_sink_bwd(Tensor dout, Tensor output, Tensor softmax_lse, Tensor sinks, "
+                          "Tensor cu_seqlens_q, int max_seqlen_q) -> Tensor",
+                          _varlen_sink_bwd_kernel, lambda dout, out, lse, sinks, *rest: _sink_bwd_fake(dout, out, lse, sinks))
 
 torch.library.register_autograd("flashattn::fwd", _fwd_backward, setup_context=_fwd_setup, lib=_lib)
 
@@ -243,9 +289,9 @@ _VARLEN = "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_s
 
 
 def _varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                       window_left, window_right, softcap, alibi_slopes, deterministic, num_splits):
+                       window_left, window_right, softcap, alibi_slopes, sinks, deterministic, num_splits):
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                       window_left, window_right, softcap, alibi_slopes, deterministic, num_splits, True)
+                       window_left, window_right, softcap, alibi_slopes, sinks, deterministic, num_splits, True)
 
 
 def _varlen_fwd_fake(q, k, v, *rest):
@@ -257,14 +303,14 @@ varlen_fwd = _define(f"varlen_fwd(Tensor q, Tensor k, Tensor v, {_VARLEN}, {_OPT
 
 
 def _varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+                       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, deterministic):
     dout, q, k, v, out = (_dense_last(t) for t in (dout, q, k, v, out))
     dq, dk, dv = _grads(q, k, v)
     _C.backward_varlen(_to_dlpack(dout), _to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out),
                        _to_dlpack(lse), _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv), _to_dlpack(cu_seqlens_q),
                        _to_dlpack(cu_seqlens_k), max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                        window_left, window_right, softcap, _capsule(alibi_slopes), deterministic, 0, 0,
-                       _stream(q))
+                       _stream(q), _capsule(sinks))
     return dq, dk, dv
 
 
@@ -275,18 +321,21 @@ varlen_bwd = _define(f"varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Ten
 
 def _varlen_setup(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-     window_right, softcap, alibi_slopes, deterministic, _) = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+     window_right, softcap, alibi_slopes, sinks, deterministic, _) = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
     ctx.deterministic = deterministic
 
 
 def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks = ctx.saved_tensors
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, *ctx.options,
-                            alibi_slopes, ctx.deterministic)
-    return (dq, dk, dv) + (None,) * 12
+                            alibi_slopes, sinks, ctx.deterministic)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[13]:
+        dsinks = varlen_sink_bwd(dout, out, lse, sinks, cu_seqlens_q, ctx.max_seqlens[0])
+    return (dq, dk, dv) + (None,) * 10 + (dsinks, None, None)
 
 
 torch.library.register_autograd("flashattn::varlen_fwd", _varlen_backward, setup_context=_varlen_setup, lib=_lib)
@@ -295,23 +344,23 @@ torch.library.register_autograd("flashattn::varlen_bwd", _no_double_backward, li
 # ---- KV cache (inference) ------------------------------------------------------------------------
 
 
-def _seqused(cache_seqlens):
-    """The lengths as the C++ API's seqused_k wants them: int32, contiguous (a no-op when they are;
-    other integer dtypes are converted, as flash_attn_with_kvcache promises)."""
-    if cache_seqlens is None or (cache_seqlens.dtype is _I32 and cache_seqlens.is_contiguous()):
-        return cache_seqlens
-    if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype is torch.bool:
-        raise error("cache_seqlens", "an integer tensor (int32)", str(cache_seqlens.dtype))
-    return cache_seqlens.to(_I32).contiguous()
+def _seqused(t, name="cache_seqlens"):
+    """An index tensor (lengths, page ids, cache rows) as the C++ API wants it: int32, contiguous (a no-op
+    when it is; other integer dtypes are converted, as flash_attn_with_kvcache promises)."""
+    if t is None or (t.dtype is _I32 and t.is_contiguous()):
+        return t
+    if t.is_floating_point() or t.is_complex() or t.dtype is torch.bool:
+        raise error(name, "an integer tensor (int32)", str(t.dtype))
+    return t.to(_I32).contiguous()
 
 
 def _kvcache_kernel(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
-                    alibi_slopes, num_splits):
+                    alibi_slopes, sinks, num_splits):
     # Per-sequence cache lengths are Options::seqused_k: the kernels read them on the device (no host
     # read, so a decode step stays graph-capturable) and CUDA's decode kernel, split-KV included, runs
     # over the cache as it is.
     return _run_forward(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
-                        alibi_slopes, False, num_splits, _seqused(cache_seqlens), True)
+                        alibi_slopes, _fp32_sinks(sinks), False, num_splits, _seqused(cache_seqlens), True)
 
 
 def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, *options):
@@ -346,10 +395,11 @@ class _EagerAttention(torch.autograd.Function):
     """Plain eager with a gradient wanted: fwd's kernel forward, bwd's kernel backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic):
+    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
+                deterministic):
         out, lse = _fwd_kernel(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                               deterministic, 0)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+                               _fp32_sinks(sinks), deterministic, 0)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sinks)
         ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
         ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
@@ -357,9 +407,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = _bwd_kernel(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        q, k, v, out, lse, alibi_slopes, sinks = ctx.saved_tensors
+        dq, dk, dv = _bwd_kernel(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, _fp32_sinks(sinks),
+                                 ctx.deterministic)
+        dsinks = _sink_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[9] else None
+        return dq, dk, dv, None, None, None, None, None, None, dsinks, None
 
 
 class _EagerVarlenAttention(torch.autograd.Function):
@@ -367,10 +419,11 @@ class _EagerVarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                window_left, window_right, softcap, alibi_slopes, deterministic):
+                window_left, window_right, softcap, alibi_slopes, sinks, deterministic):
         out, lse = _varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                      causal, window_left, window_right, softcap, alibi_slopes, deterministic, 0)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+                                      causal, window_left, window_right, softcap, alibi_slopes, _fp32_sinks(sinks),
+                                      deterministic, 0)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks)
         ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
         ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
         ctx.deterministic = deterministic
@@ -379,53 +432,127 @@ class _EagerVarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks = ctx.saved_tensors
         dq, dk, dv = _varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
-                                        *ctx.options, alibi_slopes, ctx.deterministic)
-        return (dq, dk, dv) + (None,) * 11
+                                        *ctx.options, alibi_slopes, _fp32_sinks(sinks), ctx.deterministic)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[13]:
+            dsinks = _sink_grad(dout, out, lse, sinks, cu_seqlens_q, ctx.max_seqlens[0])
+        return (dq, dk, dv) + (None,) * 10 + (dsinks, None)
 
 
-def _wants_grad(q, k, v):
+def _wants_grad(q, k, v, sinks=None):
     # requires_grad first: inference tensors answer False without the grad-mode lookup
-    return (q.requires_grad or k.requires_grad or v.requires_grad) and _grad_enabled()
+    return (q.requires_grad or k.requires_grad or v.requires_grad
+            or (sinks is not None and sinks.requires_grad)) and _grad_enabled()
 
 
-def forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, deterministic,
-            want_lse=True):
+def forward(q, k, v, opts, want_lse=True):
     """flash_attn_func's route (see the module docstring) -> (out, softmax_lse); in plain eager without a
-    gradient, softmax_lse is None unless want_lse (the kernels then skip it)."""
+    gradient, softmax_lse is None unless want_lse (the kernels then skip it). opts: an AttentionOptions."""
     if _plain_eager(q, k, v):
-        if q.requires_grad or k.requires_grad or v.requires_grad:
-            if _grad_enabled():
-                return _EagerAttention.apply(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
-                                             alibi_slopes, deterministic)
-        return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, False,
-                            0, None, want_lse)
-    options = (softmax_scale, causal, window_left, window_right, softcap, alibi_slopes)
-    if _wants_grad(q, k, v):
-        return fwd(q, k, v, *options, deterministic, 0)
+        if _wants_grad(q, k, v, opts.sinks):
+            return _EagerAttention.apply(q, k, v, opts.softmax_scale, opts.causal, opts.window_left,
+                                         opts.window_right, opts.softcap, opts.alibi_slopes, opts.sinks,
+                                         opts.deterministic)
+        return _run_forward(q, k, v, opts.softmax_scale, opts.causal, opts.window_left, opts.window_right,
+                            opts.softcap, opts.alibi_slopes, _fp32_sinks(opts.sinks), False, 0, None, want_lse)
+    options = (opts.softmax_scale, opts.causal, opts.window_left, opts.window_right, opts.softcap, opts.alibi_slopes,
+               opts.sinks)
+    if _wants_grad(q, k, v, opts.sinks):
+        return fwd(q, k, v, *options, opts.deterministic, 0)
     return fwd_kvcache(q, k, v, None, *options, 0)
 
 
-def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   window_left, window_right, softcap, alibi_slopes, deterministic, want_lse=True):
-    """flash_attn_varlen_func's route -> (out, softmax_lse); softmax_lse as in forward()."""
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-            window_right, softcap, alibi_slopes, deterministic)
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts, want_lse=True,
+                   seqused_k=None, page_table=None, seqused_q=None):
+    """flash_attn_varlen_func's route -> (out, softmax_lse); softmax_lse as in forward(). A paged cache
+    (page_table), seqused_k or seqused_q: forward only (as in flash_attn v3). Rows past seqused_q are not
+    written: they hold zeros here (flash_attn leaves them unspecified)."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts.softmax_scale, opts.causal,
+            opts.window_left, opts.window_right, opts.softcap, opts.alibi_slopes)
+    if page_table is not None or seqused_k is not None or seqused_q is not None:
+        if _wants_grad(q, k, v, opts.sinks):
+            name = "page_table" if page_table is not None else "seqused_k" if seqused_k is not None else "seqused_q"
+            raise error(name, "inputs that need no gradient (paged caches, seqused_k and seqused_q are forward-only)",
+                        "inputs that require grad")
+        out, lse = _run_varlen(*args, _fp32_sinks(opts.sinks), False, 0, want_lse, _seqused(seqused_k, "seqused_k"),
+                               _seqused(page_table, "page_table"), _seqused(seqused_q, "seqused_q"), zero_out=True)
+        return out, lse
     if _plain_eager(q, k, v):
-        if _wants_grad(q, k, v):
-            return _EagerVarlenAttention.apply(*args)
-        return _run_varlen(*args, 0, want_lse)
-    return varlen_fwd(*args, 0)
+        if _wants_grad(q, k, v, opts.sinks):
+            return _EagerVarlenAttention.apply(*args, opts.sinks, opts.deterministic)
+        return _run_varlen(*args, _fp32_sinks(opts.sinks), opts.deterministic, 0, want_lse)
+    return varlen_fwd(*args, opts.sinks, opts.deterministic, 0)
 
 
-def kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
-            alibi_slopes, num_splits, want_lse=True):
-    """flash_attn_with_kvcache's route (inference only) -> (out, softmax_lse); softmax_lse as in forward()."""
+def kvcache(q, k_cache, v_cache, cache_seqlens, opts, want_lse=True):
+    """flash_attn_with_kvcache's route without an append or cache indexing (inference only) -> (out, softmax_lse);
+    softmax_lse as in forward()."""
     if _plain_eager(q, k_cache, v_cache):
         if not (cache_seqlens is None or (cache_seqlens.dtype is _I32 and cache_seqlens.is_contiguous())):
             cache_seqlens = _seqused(cache_seqlens)
-        return _run_forward(q, k_cache, v_cache, softmax_scale, causal, window_left, window_right, softcap,
-                            alibi_slopes, False, num_splits, cache_seqlens, want_lse)
-    return fwd_kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal, window_left, window_right, softcap,
-                       alibi_slopes, num_splits)
+        return _run_forward(q, k_cache, v_cache, opts.softmax_scale, opts.causal, opts.window_left, opts.window_right,
+                            opts.softcap, opts.alibi_slopes, _fp32_sinks(opts.sinks), False, opts.num_splits,
+                            cache_seqlens, want_lse)
+    return fwd_kvcache(q, k_cache, v_cache, cache_seqlens, opts.softmax_scale, opts.causal, opts.window_left,
+                       opts.window_right, opts.softcap, opts.alibi_slopes, opts.sinks, opts.num_splits)
+
+
+# ---- the full KV-cache call: append (rotary), paged, cache rows, left padding --------------------
+
+
+def _run_kvcache_full(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, page_table,
+                      rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal, window_left, window_right,
+                      softcap, alibi_slopes, sinks, num_splits, want_lse):
+    """The C++ forward_kvcache validates everything, appends k/v in place (rotary on k), then attends:
+    nothing is written into the caches before every argument has been checked."""
+    q = _dense_last(q)
+    out = _empty_out(q, v_cache)
+    lse = _lse(q) if want_lse else None
+    _C.forward_kvcache_eager(*(_eager_arg(t) for t in (q, k, v, k_cache, v_cache, out, lse,
+                                                       _seqused(cache_seqlens, "cache_seqlens"),
+                                                       _seqused(cache_batch_idx, "cache_batch_idx"),
+                                                       _seqused(cache_leftpad, "cache_leftpad"),
+                                                       _seqused(page_table, "page_table"), rotary_cos, rotary_sin)),
+                             rotary_interleaved, _eager_arg(alibi_slopes), _eager_arg(_fp32_sinks(sinks)),
+                             softmax_scale, causal, window_left, window_right, softcap, num_splits,
+                             None if _EXCHANGE_API else (_raw_stream(q.get_device()) if q.is_cuda else 0))
+    return out, lse
+
+
+def _eager_arg(t):
+    """A tensor as the eager entries take it: itself (DLPack C exchange API) or a capsule."""
+    if t is None or _EXCHANGE_API:
+        return t
+    return _to_dlpack(t)
+
+
+def _kvcache_full_kernel(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, page_table,
+                         rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal, window_left, window_right,
+                         softcap, alibi_slopes, sinks, num_splits):
+    return _run_kvcache_full(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, page_table,
+                             rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal, window_left,
+                             window_right, softcap, alibi_slopes, sinks, num_splits, True)
+
+
+def _kvcache_full_fake(q, k_cache, v_cache, *rest):
+    return _fwd_outputs(q, v_cache)
+
+
+fwd_kvcache_full = _define(
+    "fwd_kvcache_full(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor? cache_seqlens, "
+    "Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? page_table, Tensor? rotary_cos, Tensor? rotary_sin, "
+    f"bool rotary_interleaved, {_OPTIONS}, int num_splits) -> (Tensor output, Tensor softmax_lse)",
+    _kvcache_full_kernel, _kvcache_full_fake)
+
+
+def kvcache_full(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, page_table, rotary_cos,
+                 rotary_sin, rotary_interleaved, opts, want_lse=True):
+    """flash_attn_with_kvcache's route when it appends or indexes the cache -> (out, softmax_lse)."""
+    args = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, page_table, rotary_cos,
+            rotary_sin, rotary_interleaved, opts.softmax_scale, opts.causal, opts.window_left, opts.window_right,
+            opts.softcap, opts.alibi_slopes, opts.sinks, opts.num_splits)
+    if _plain_eager(q, k_cache, v_cache):
+        return _run_kvcache_full(*args, want_lse)
+    return fwd_kvcache_full(*args)

@@ -1,5 +1,7 @@
 #include "dlpack_view.h"
 
+#include <cstring>
+
 #include "flashattn/flashattn.h"
 
 namespace nb = nanobind;
@@ -21,6 +23,19 @@ std::string dlpack_dtype_name(nb::dlpack::dtype t) {
   return std::string(kind) + std::to_string(t.bits);
 }
 
+namespace {
+
+// The arguments that hold indices (lengths, cache rows, page ids): int32; every other array: a float.
+bool index_argument(const char* name) {
+  static const char* const kIndexNames[] = {"cu_seqlens_q", "cu_seqlens_k", "seqused_k", "seqused_q", "cache_seqlens",
+                                            "cache_batch_idx", "cache_leftpad", "page_table"};
+  for (const char* n : kIndexNames)
+    if (std::strcmp(n, name) == 0) return true;
+  return false;
+}
+
+}  // namespace
+
 fa::Tensor view(nb::dlpack::dtype dt, int device_type, int device_id, int64_t ndim, const int64_t* shape,
                 const int64_t* strides, void* data, const char* name) {
   fa::Tensor t;
@@ -30,7 +45,7 @@ fa::Tensor view(nb::dlpack::dtype dt, int device_type, int device_id, int64_t nd
   else if (code == nb::dlpack::dtype_code::Float && dt.bits == 16) t.dtype = fa::DType::f16;
   else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) t.dtype = fa::DType::bf16;
   else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) t.dtype = fa::DType::i32;
-  else throw fa::Error(name, "float32, float16, bfloat16 (or int32 for cu_seqlens, seqused_k)", dlpack_dtype_name(dt));
+  else throw fa::Error(name, index_argument(name) ? "int32" : "float32, float16 or bfloat16", dlpack_dtype_name(dt));
 
   if (device_type == nb::device::cpu::value) t.device = fa::Device::cpu();
   else if (device_type == nb::device::cuda::value || device_type == nb::device::cuda_managed::value)

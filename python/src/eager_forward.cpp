@@ -5,6 +5,7 @@
 #include "eager_forward.h"
 
 #include <climits>
+#include <optional>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -94,7 +95,13 @@ fa::Tensor eager_view(PyObject* o, const char* name) {
     else
       throw fa::Error(name, "an unused DLPack capsule", std::string("a capsule named '") + (tag ? tag : "") + "'");
   } else if (const DLPackExchangeAPI* api = exchange_api(Py_TYPE(o))) {
-    if (api->dltensor_from_py_object_no_sync(o, &local) != 0) throw nb::python_error();
+    if (api->dltensor_from_py_object_no_sync(o, &local) != 0) {
+      // torch refuses to describe it (a meta tensor, say): name the argument, keep torch's first line.
+      nb::python_error e;
+      std::string why = e.what();
+      why = why.substr(0, why.find('\n'));
+      throw fa::Error(name, "a CPU or CUDA tensor with data (DLPack)", why);
+    }
     dl = &local;
   } else {
     throw fa::Error(name, "a torch tensor (DLPack C exchange API) or a DLPack capsule", Py_TYPE(o)->tp_name);
@@ -131,15 +138,23 @@ bool truth(PyObject* h) {
   return r != 0;
 }
 
+// stream: an int, or None for q's producer's current stream.
+void* stream_argument(PyObject* stream, PyObject* q, const fa::Tensor& tq) {
+  if (stream == Py_None) return producer_stream(q, tq);
+  void* s = PyLong_AsVoidPtr(stream);
+  if (PyErr_Occurred()) throw nb::python_error();
+  return s;
+}
+
 // ---- forward_eager ---------------------------------------------------------------------------------
 // Arrays are torch tensors (or any type with DLPack's C exchange API) or DLPack capsules, read in
 // place by eager_view; flashattn::forward validates every view as for _C.forward.
 constexpr const char* kForwardEagerDoc =
     "forward_eager($module, q, k, v, out, lse, seqused_k, alibi_slopes, softmax_scale, causal, window_left, "
-    "window_right, softcap, deterministic, num_splits, stream, /)\n--\n\n"
+    "window_right, softcap, deterministic, num_splits, stream, [sinks], /)\n--\n\n"
     "forward() for the eager path, positional arguments only. Arrays: tensors whose type has DLPack's C "
-    "exchange API (has_exchange_api) or DLPack capsules; lse, seqused_k, alibi_slopes and softmax_scale may "
-    "be None. stream: an int, or None for q's producer's current stream (exchange API only).";
+    "exchange API (has_exchange_api) or DLPack capsules; lse, seqused_k, alibi_slopes, softmax_scale and "
+    "sinks may be None. stream: an int, or None for q's producer's current stream (exchange API only).";
 
 int integer(PyObject* h, const char* name) {
   long long x = PyLong_AsLongLong(h);
@@ -185,8 +200,9 @@ void run_forward(const fa::Tensor& q, const fa::Tensor& k, const fa::Tensor& v, 
 
 PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
-    if (nargs != 15) {
-      PyErr_Format(PyExc_TypeError, "forward_eager() takes 15 positional arguments (%zd given)", nargs);
+    if (nargs != 15 && nargs != 16) {  // sinks, the 16th, may be left out
+      PyErr_Format(PyExc_TypeError, "forward_eager() takes 15 positional arguments, or 16 with sinks (%zd given)",
+                   nargs);
       return nullptr;
     }
     fa::Tensor tq = eager_view(args[0], "q"), tk = eager_view(args[1], "k"), tv = eager_view(args[2], "v"),
@@ -194,12 +210,8 @@ PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     fa::Options o = eager_options(args + 7);
     if (args[5] != Py_None) o.seqused_k = eager_view(args[5], "seqused_k");
     if (args[6] != Py_None) o.alibi_slopes = eager_view(args[6], "alibi_slopes");
-    if (args[14] == Py_None) {
-      o.stream = producer_stream(args[0], tq);
-    } else {
-      o.stream = PyLong_AsVoidPtr(args[14]);
-      if (PyErr_Occurred()) throw nb::python_error();
-    }
+    if (nargs == 16 && args[15] != Py_None) o.sinks = eager_view(args[15], "sinks");
+    o.stream = stream_argument(args[14], args[0], tq);
     run_forward(tq, tk, tv, to, tl, o);
     Py_RETURN_NONE;
   } catch (...) {
@@ -215,7 +227,7 @@ PyObject* forward_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // NotImplemented when the layout needs the Python path (copies, an explicit output shape).
 constexpr const char* kForwardEagerOutDoc =
     "forward_eager_out($module, empty_like, q, k, v, seqused_k, alibi_slopes, softmax_scale, causal, "
-    "window_left, window_right, softcap, deterministic, num_splits, /)\n--\n\n"
+    "window_left, window_right, softcap, deterministic, num_splits, [sinks], /)\n--\n\n"
     "-> out = empty_like(q) after forward_eager(q, k, v, out, None, ..., stream=None) (tensors with DLPack's C "
     "exchange API), or NotImplemented when q is not contiguous, k or v has a strided last dim, or v's head "
     "dim differs from q's.";
@@ -236,8 +248,9 @@ bool dense_last(const fa::Tensor& t) { return t.rank >= 1 && (t.shape[t.rank - 1
 PyObject* forward_eager_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* out = nullptr;
   try {
-    if (nargs != 13) {
-      PyErr_Format(PyExc_TypeError, "forward_eager_out() takes 13 positional arguments (%zd given)", nargs);
+    if (nargs != 13 && nargs != 14) {  // sinks, the 14th, may be left out
+      PyErr_Format(PyExc_TypeError, "forward_eager_out() takes 13 positional arguments, or 14 with sinks (%zd given)",
+                   nargs);
       return nullptr;
     }
     fa::Tensor tq = eager_view(args[1], "q"), tk = eager_view(args[2], "k"), tv = eager_view(args[3], "v");
@@ -247,6 +260,7 @@ PyObject* forward_eager_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
     fa::Options o = eager_options(args + 6);
     if (args[4] != Py_None) o.seqused_k = eager_view(args[4], "seqused_k");
     if (args[5] != Py_None) o.alibi_slopes = eager_view(args[5], "alibi_slopes");
+    if (nargs == 14 && args[13] != Py_None) o.sinks = eager_view(args[13], "sinks");
     o.stream = producer_stream(args[1], tq);
     out = PyObject_Vectorcall(args[0], args + 1, 1, nullptr);  // empty_like(q)
     if (!out) return nullptr;
@@ -259,6 +273,57 @@ PyObject* forward_eager_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   return nullptr;
 }
 
+// ---- forward_kvcache_eager: flash_attn_with_kvcache's torch call --------------------------------
+constexpr const char* kForwardKvcacheEagerDoc =
+    "forward_kvcache_eager($module, q, k, v, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx, "
+    "cache_leftpad, page_table, rotary_cos, rotary_sin, rotary_interleaved, alibi_slopes, sinks, softmax_scale, "
+    "causal, window_left, window_right, softcap, num_splits, stream, /)\n--\n\n"
+    "forward_kvcache() for the torch path, positional arguments only (arrays as for forward_eager; every "
+    "optional array may be None). The C++ library validates the whole call before it appends k/v into the "
+    "cache: a rejected call writes nothing.";
+
+PyObject* forward_kvcache_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 23) {
+      PyErr_Format(PyExc_TypeError, "forward_kvcache_eager() takes 23 positional arguments (%zd given)", nargs);
+      return nullptr;
+    }
+    auto optional = [&](int i, const char* name) -> std::optional<fa::Tensor> {
+      if (args[i] == Py_None) return std::nullopt;
+      return eager_view(args[i], name);
+    };
+    const fa::Tensor tq = eager_view(args[0], "q");
+    const fa::Tensor tk = eager_view_or_none(args[1], "k"), tv = eager_view_or_none(args[2], "v");
+    fa::KVCache cache;
+    cache.k_cache = eager_view(args[3], "k_cache");
+    cache.v_cache = eager_view(args[4], "v_cache");
+    const fa::Tensor to = eager_view(args[5], "out"), tl = eager_view_or_none(args[6], "lse");
+    cache.cache_seqlens = optional(7, "cache_seqlens");
+    cache.cache_batch_idx = optional(8, "cache_batch_idx");
+    cache.cache_leftpad = optional(9, "cache_leftpad");
+    cache.page_table = optional(10, "page_table");
+    cache.rotary_cos = optional(11, "rotary_cos");
+    cache.rotary_sin = optional(12, "rotary_sin");
+    cache.rotary_interleaved = truth(args[13]);
+    fa::Options o;
+    o.alibi_slopes = optional(14, "alibi_slopes");
+    o.sinks = optional(15, "sinks");
+    if (args[16] != Py_None) o.softmax_scale = number(args[16]);
+    o.causal = truth(args[17]);
+    o.window_left = integer(args[18], "window_left");
+    o.window_right = integer(args[19], "window_right");
+    o.softcap = number(args[20]);
+    o.num_splits = integer(args[21], "num_splits");
+    o.stream = stream_argument(args[22], args[0], tq);
+    nb::gil_scoped_release release;
+    fa::forward_kvcache(tq, tk, tv, cache, to, tl, o);
+  } catch (...) {
+    set_python_error();
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 }  // namespace
 
 void add_eager_forward(nb::module_& m) {
@@ -267,6 +332,8 @@ void add_eager_forward(nb::module_& m) {
        METH_FASTCALL, kForwardEagerDoc},
       {"forward_eager_out", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward_eager_out)),
        METH_FASTCALL, kForwardEagerOutDoc},
+      {"forward_kvcache_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward_kvcache_eager)),
+       METH_FASTCALL, kForwardKvcacheEagerDoc},
       {nullptr, nullptr, 0, nullptr}};
   if (PyModule_AddFunctions(m.ptr(), lean) != 0) throw nb::python_error();
 

@@ -1,4 +1,5 @@
 // The public entry points: validate, then dispatch by the tensors' device.
+#include "core/check_device_values.h"
 #include "core/validate.h"
 #include "cpu/backend.h"
 #include "cuda/backend.h"
@@ -31,13 +32,29 @@ void dispatch(const Params& p, CpuFn cpu_fn, CudaFn cuda_fn) {
 void forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
              const Tensor& lse, const Options& options) {
   const AttnParams p = core::check_forward(q, k, v, out, lse, options, nullptr);
+  core::check_device_values(p);
   dispatch(p, cpu::forward, [](const AttnParams& x) { cuda::forward(x); });
 }
 
 void forward_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                     const Tensor& lse, const VarlenLayout& layout, const Options& options) {
   const AttnParams p = core::check_forward(q, k, v, out, lse, options, &layout);
+  core::check_device_values(p);
   dispatch(p, cpu::forward, [](const AttnParams& x) { cuda::forward(x); });
+}
+
+void forward_kvcache(const Tensor& q, const Tensor& k_new, const Tensor& v_new, const KVCache& cache,
+                     const Tensor& out, const Tensor& lse, const Options& options) {
+  const KVCacheParams p = core::check_kvcache(q, k_new, v_new, cache, out, lse, options);
+  core::check_device_values(p);
+  dispatch(p.attn, [&](const AttnParams&) { cpu::forward_kvcache(p); },
+           [&](const AttnParams&) { cuda::forward_kvcache(p); });
+}
+
+void sink_gradient(const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& sinks,
+                   const Tensor& dsinks, const VarlenLayout* layout, const Options& options) {
+  const SinkGradParams p = core::check_sink_gradient(dout, out, lse, sinks, dsinks, layout, options);
+  dispatch(p, cpu::sink_gradient, [](const SinkGradParams& x) { cuda::sink_gradient(x); });
 }
 
 void backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -51,6 +68,7 @@ void backward_varlen(const Tensor& dout, const Tensor& q, const Tensor& k, const
                      const Tensor& out, const Tensor& lse, const Tensor& dq, const Tensor& dk,
                      const Tensor& dv, const VarlenLayout& layout, const Options& options) {
   const BwdParams p = core::check_backward(dout, q, k, v, out, lse, dq, dk, dv, options, &layout);
+  core::check_device_values(p);
   dispatch(p, cpu::backward, [](const BwdParams& x) { cuda::backward(x); });
 }
 

@@ -47,6 +47,7 @@ Knobs knobs_from_environment() {
   k.cuda_backward = kernel_choice("FLASHATTN_CUDA_BACKWARD");
   k.cuda_decode = flag("FLASHATTN_CUDA_DECODE", true);
   k.cuda_small_tiles = flag("FLASHATTN_CUDA_SMALL_TILES", false);
+  k.check_lengths = flag("FLASHATTN_CHECK_LENGTHS", false);
   k.sm90_narrow = override_of("FLASHATTN_SM90_NARROW");
   k.sm90_persistent = override_of("FLASHATTN_SM90_PERSISTENT");
   if (const char* v = env("FLASHATTN_SM90_MAX_CTAS")) {

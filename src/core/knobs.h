@@ -30,6 +30,7 @@ struct Knobs {
   int sm90_max_ctas = 0;                       // FLASHATTN_SM90_MAX_CTAS = n > 0 caps the persistent grid
   bool sm90_pingpong = false;  // FLASHATTN_SM90_SCHEDULE = overlap | pingpong (builds with every schedule)
   std::string cpu_isa;         // FLASHATTN_CPU_ISA = generic | avx2 | avx512 caps the CPU kernels' ISA
+  bool check_lengths = false;  // FLASHATTN_CHECK_LENGTHS = 0 | 1: check GPU-resident lengths (set_check_lengths)
 };
 
 // The process's knobs, read from the environment once. Throws flashattn::Unsupported naming the

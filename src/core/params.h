@@ -31,7 +31,31 @@ struct AttnParams {
   // Keys sequence b uses: the first seqused_k[b] of its rows (a KV cache filled to that length).
   // Null: all of them. seqlen_k (and cu_seqlens_k) still give where each sequence's rows are.
   const int32_t* seqused_k = nullptr;
+  // Query rows sequence b uses (flash_attn v3's seqused_q): the first seqused_q[b]. Null: all.
+  const int32_t* seqused_q = nullptr;
   int64_t total_q = 0;  // rows of q in all (varlen), batch * seqlen_q otherwise
+  int64_t total_k = 0;  // varlen: rows of k (INT64_MAX for a paged cache); for FLASHATTN_CHECK_LENGTHS
+
+  // KV cache addressing (flash_attn_with_kvcache, paged varlen). All null / 0: k and v are plain
+  // (batch, seqlen_k, heads_k, d) or packed tensors.
+  // Paged: k/v are (num_pages, page_size, heads_k, d), k_stride.batch is the page stride, and
+  // slot s of cache row c lives in page page_table[c * page_table_stride + s / page_size].
+  const int32_t* page_table = nullptr;
+  int64_t page_table_stride = 0;
+  int64_t pages_per_seq = 0;  // the table's second dimension
+  int64_t page_size = 0;
+  int64_t num_pages = 0;  // page ids lie in [0, num_pages)
+  // The cache row of sequence b (cache_batch_idx); null: row b. kv_rows: the rows it may name.
+  const int32_t* kv_batch_idx = nullptr;
+  int64_t kv_rows = 0;
+  // The first valid slot of sequence b (cache_leftpad); null: slot 0. Key j is slot leftpad + j.
+  const int32_t* k_leftpad = nullptr;
+  // Tokens appended by this call: sequence b's slots end at seqused_k[b] + seqused_k_added
+  // (cache_seqlens counts the tokens before the append; no device copy of the sum is needed).
+  int64_t seqused_k_added = 0;
+  // Attention sinks: fp32 (heads), one logit per head joining each row's softmax denominator
+  // (core/sink.h). Null: none.
+  const float* sinks = nullptr;
 
   const void* q = nullptr;
   const void* k = nullptr;
@@ -54,15 +78,20 @@ struct AttnParams {
   void* stream = nullptr;
 
   int group_size() const { return heads / heads_k; }  // query heads per kv head
+  // Slots a paged sequence can hold: its page-table row's pages.
+  int64_t page_table_capacity() const { return page_table ? pages_per_seq * page_size : 0; }
 
   FA_HOST_DEVICE int64_t q_begin(int b) const { return cu_seqlens_q ? cu_seqlens_q[b] : 0; }
   FA_HOST_DEVICE int64_t k_begin(int b) const { return cu_seqlens_k ? cu_seqlens_k[b] : 0; }
   FA_HOST_DEVICE int64_t len_q(int b) const {
+    if (seqused_q) return seqused_q[b];
     return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q;
   }
+  FA_HOST_DEVICE int64_t k_start(int b) const { return k_leftpad ? k_leftpad[b] : 0; }
+  // Keys of sequence b: its used slots past the left padding.
   FA_HOST_DEVICE int64_t len_k(int b) const {
-    if (seqused_k) return seqused_k[b];
-    return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k;
+    if (seqused_k) return seqused_k[b] + seqused_k_added - k_start(b);
+    return (cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k) - k_start(b);
   }
   FA_HOST_DEVICE Mask mask(int b) const {
     return Mask::make(len_q(b), len_k(b), window_left, window_right);
@@ -75,12 +104,41 @@ struct AttnParams {
   FA_HOST_DEVICE int64_t q_offset(int b, int64_t i, int h) const {
     return b * q_stride.batch + (q_begin(b) + i) * q_stride.row + h * q_stride.head;
   }
+  // The one definition of "row j of sequence b's keys" (j counted from its first valid key), used
+  // by every backend and the oracle: the cache row (cache_batch_idx), the left padding, then the
+  // slot's page through the page table or its row in a dense/packed tensor. int64 throughout:
+  // page * page_stride overflows 32 bits on large caches.
+  FA_HOST_DEVICE int64_t kv_row_offset(const Strides& s, int b, int64_t j) const {
+    const int64_t row = kv_batch_idx ? kv_batch_idx[b] : b;
+    const int64_t slot = k_start(b) + j;
+    if (page_table) {
+      const int64_t page = page_table[row * page_table_stride + slot / page_size];
+      return page * s.batch + (slot % page_size) * s.row;
+    }
+    return row * s.batch + (k_begin(b) + slot) * s.row;
+  }
   FA_HOST_DEVICE int64_t k_offset(int b, int64_t j, int hk) const {
-    return b * k_stride.batch + (k_begin(b) + j) * k_stride.row + hk * k_stride.head;
+    return kv_row_offset(k_stride, b, j) + hk * k_stride.head;
   }
   FA_HOST_DEVICE int64_t v_offset(int b, int64_t j, int hk) const {
-    return b * v_stride.batch + (k_begin(b) + j) * v_stride.row + hk * v_stride.head;
+    return kv_row_offset(v_stride, b, j) + hk * v_stride.head;
   }
+  // Whether key j of sequence b lies inside the cache: its cache row exists and, paged, its slot is
+  // in the page table and names a page of the cache. The validation guarantees it on the CPU; on
+  // CUDA the indices are trusted, and the kernels skip a row that fails this rather than touch
+  // memory outside the cache.
+  FA_HOST_DEVICE bool kv_row_in_cache(int b, int64_t j) const {
+    const int64_t row = kv_batch_idx ? kv_batch_idx[b] : b;
+    if (kv_batch_idx && (row < 0 || row >= kv_rows)) return false;
+    if (!page_table) return true;
+    const int64_t slot = k_start(b) + j;
+    if (slot < 0 || slot / page_size >= pages_per_seq) return false;
+    const int32_t page = page_table[row * page_table_stride + slot / page_size];
+    return page >= 0 && page < num_pages;
+  }
+  // Whether consecutive keys of a sequence lie one row stride apart (kernels may then step a
+  // pointer instead of calling k_offset per row).
+  FA_HOST_DEVICE bool kv_rows_strided() const { return page_table == nullptr; }
   FA_HOST_DEVICE int64_t out_offset(int b, int64_t i, int h) const {
     return b * out_stride.batch + (q_begin(b) + i) * out_stride.row + h * out_stride.head;
   }
@@ -110,6 +168,18 @@ struct BwdParams : AttnParams {
   }
 };
 
+// sink_gradient(): dsinks from the forward's out and LSE (which include the sinks) and dout. The
+// out/lse/sinks/varlen fields of AttnParams are the ones in use.
+struct SinkGradParams : AttnParams {
+  const void* dout = nullptr;
+  Strides dout_stride;
+  float* dsinks = nullptr;
+
+  FA_HOST_DEVICE int64_t dout_offset(int b, int64_t i, int h) const {
+    return b * dout_stride.batch + (q_begin(b) + i) * dout_stride.row + h * dout_stride.head;
+  }
+};
+
 // merge(): partial (splits, batch, seqlen_q, heads, d_v) fp32 + (splits, batch, heads, seqlen_q)
 struct MergeParams {
   Device device{};
@@ -127,6 +197,9 @@ struct MergeParams {
   // Varlen outputs (the split-KV forward): sequence b's row i lands on packed row cu[b] + i,
   // and rows past its length are skipped. Null: fixed-length rows.
   const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* seqused_q = nullptr;  // rows past seqused_q[b] are skipped (not written)
+  // Attention sinks (core/sink.h), fp32 (heads): folded in once, after the splits are combined.
+  const float* sinks = nullptr;
   int num_threads = 0;
   void* stream = nullptr;
 };

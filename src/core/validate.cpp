@@ -1,5 +1,6 @@
 #include "core/validate.h"
 
+#include "core/checks.h"
 #include "core/overlap.h"
 
 #include <cmath>
@@ -8,9 +9,7 @@
 #include <vector>
 
 namespace flashattn::core {
-namespace {
 
-constexpr int kMaxHeadDim = 256;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -106,9 +105,14 @@ void check_cu_seqlens(const Tensor& cu, const char* name, int batch, int64_t tot
   if (cu.stride[0] != 1 && cu.shape[0] > 1)
     throw Error(name, "a contiguous tensor", "stride " + str(cu.stride[0]));
   // The values can only be read where they live; on CUDA they are trusted (reading them would
-  // force a host synchronisation), as flash_attn does.
+  // force a host synchronisation), as flash_attn does, unless FLASHATTN_CHECK_LENGTHS asks
+  // (core/check_device_values.cpp).
   if (device.kind != DeviceKind::cpu) return;
-  const auto* c = static_cast<const int32_t*>(cu.data);
+  check_cu_seqlens_values(static_cast<const int32_t*>(cu.data), name, batch, total_rows, max_seqlen, max_name);
+}
+
+void check_cu_seqlens_values(const int32_t* c, const char* name, int batch, int64_t total_rows, int max_seqlen,
+                             const char* max_name) {
   if (c[0] != 0) throw Error(name, "first value 0", str(c[0]));
   for (int b = 0; b < batch; ++b) {
     const int64_t len = int64_t(c[b + 1]) - c[b];
@@ -121,25 +125,65 @@ void check_cu_seqlens(const Tensor& cu, const char* name, int batch, int64_t tot
     throw Error(name, "last value <= the number of packed rows (" + str(total_rows) + ")", str(c[batch]));
 }
 
+void check_index_vector(const Tensor& t, const char* name, int64_t length, Device device, const char* what) {
+  check_defined(t, name);
+  check_dtype(t, name, DType::i32, what);
+  check_device(t, name, device);
+  check_rank(t, name, 1, "(batch)");
+  if (t.shape[0] != length) throw Error(name, "length batch = " + str(length), t.shape_string());
+  if (t.stride[0] != 1 && t.shape[0] > 1) throw Error(name, "a contiguous tensor", "stride " + str(t.stride[0]));
+}
+
 // seqused_k: int32 (batch); on the CPU every value within its sequence's keys.
 void check_seqused_k(const Options& o, AttnParams& p) {
   if (!o.seqused_k) return;
   const Tensor& t = *o.seqused_k;
-  check_defined(t, "seqused_k");
-  check_dtype(t, "seqused_k", DType::i32, "(keys used per sequence)");
-  check_device(t, "seqused_k", p.device);
-  check_rank(t, "seqused_k", 1, "(batch)");
-  if (t.shape[0] != p.batch) throw Error("seqused_k", "length batch = " + str(p.batch), t.shape_string());
-  if (t.stride[0] != 1 && t.shape[0] > 1)
-    throw Error("seqused_k", "a contiguous tensor", "stride " + str(t.stride[0]));
+  check_index_vector(t, "seqused_k", p.batch, p.device, "(keys used per sequence)");
   p.seqused_k = static_cast<const int32_t*>(t.data);
   if (p.device.kind != DeviceKind::cpu) return;  // on CUDA the values are trusted, as cu_seqlens are
+  check_seqused_k_values(p);
+}
+
+void check_seqused_k_values(const AttnParams& p) {
   for (int b = 0; b < p.batch; ++b) {
-    const int64_t keys = p.cu_seqlens_k ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b] : p.seqlen_k;
+    // A paged sequence may use its whole page-table row; a packed one its own keys.
+    const int64_t keys = p.page_table    ? p.page_table_capacity()
+                         : p.cu_seqlens_k ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b]
+                                          : p.seqlen_k;
     if (p.seqused_k[b] < 0 || p.seqused_k[b] > keys)
       throw Error("seqused_k", "values in [0, " + str(keys) + "] (the keys of sequence " + str(b) + ")",
                   str(p.seqused_k[b]) + " at index " + str(b));
   }
+}
+
+// seqused_q: int32 (batch); on the CPU every value within its sequence's rows.
+void check_seqused_q(const Options& o, AttnParams& p) {
+  if (!o.seqused_q) return;
+  check_index_vector(*o.seqused_q, "seqused_q", p.batch, p.device, "(query rows used per sequence)");
+  p.seqused_q = static_cast<const int32_t*>(o.seqused_q->data);
+  if (p.device.kind == DeviceKind::cpu) check_seqused_q_values(p);
+}
+
+void check_seqused_q_values(const AttnParams& p) {
+  for (int b = 0; b < p.batch; ++b) {
+    const int64_t rows = p.cu_seqlens_q ? int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b] : p.seqlen_q;
+    if (p.seqused_q[b] < 0 || p.seqused_q[b] > rows)
+      throw Error("seqused_q", "values in [0, " + str(rows) + "] (the query rows of sequence " + str(b) + ")",
+                  str(p.seqused_q[b]) + " at index " + str(b));
+  }
+}
+
+// sinks: fp32 (heads), one logit per query head (core/sink.h).
+void check_sinks(const Options& o, AttnParams& p) {
+  if (!o.sinks) return;
+  const Tensor& t = *o.sinks;
+  check_defined(t, "sinks");
+  check_dtype(t, "sinks", DType::f32, "(one sink logit per head)");
+  check_device(t, "sinks", p.device);
+  check_rank(t, "sinks", 1, "(heads)");
+  if (t.shape[0] != p.heads) throw Error("sinks", "shape [heads] = [" + str(p.heads) + "]", t.shape_string());
+  if (t.stride[0] != 1 && t.shape[0] > 1) throw Error("sinks", "a contiguous tensor", "stride " + str(t.stride[0]));
+  p.sinks = static_cast<const float*>(t.data);
 }
 
 void check_alibi(const Options& o, AttnParams& p) {
@@ -188,6 +232,8 @@ void check_options(const Options& o, AttnParams& p) {
   p.stream = o.stream;
   check_alibi(o, p);
   check_seqused_k(o, p);
+  check_seqused_q(o, p);
+  check_sinks(o, p);
 }
 
 // Checks an output-like tensor against the shape its input defines.
@@ -226,13 +272,6 @@ void check_lse(const Tensor& lse, AttnParams& p, bool varlen) {
   p.lse = static_cast<float*>(lse.data);
 }
 
-// Outputs are written while inputs are still being read (and the backward reads out and lse):
-// an output must share no memory with any tensor of the call other than itself.
-struct Named {
-  const Tensor* tensor;
-  const char* name;
-};
-
 void check_no_overlap(std::initializer_list<Named> outputs, std::initializer_list<Named> others) {
   for (auto o = outputs.begin(); o != outputs.end(); ++o) {
     for (const Named& other : others)
@@ -246,14 +285,17 @@ void check_no_overlap(std::initializer_list<Named> outputs, std::initializer_lis
   }
 }
 
-}  // namespace
-
 AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Options& options,
                         const VarlenLayout* layout) {
   const bool varlen = layout != nullptr;
+  const bool paged = varlen && layout->page_table.has_value();
   const char* q_layout = varlen ? "(total_q, heads, head_dim)" : "(batch, seqlen_q, heads, head_dim)";
-  const char* k_layout = varlen ? "(total_k, heads_k, head_dim)" : "(batch, seqlen_k, heads_k, head_dim)";
-  const char* v_layout = varlen ? "(total_k, heads_k, head_dim_v)" : "(batch, seqlen_k, heads_k, head_dim_v)";
+  const char* k_layout = paged    ? "(num_pages, page_size, heads_k, head_dim) (a paged cache)"
+                         : varlen ? "(total_k, heads_k, head_dim)"
+                                  : "(batch, seqlen_k, heads_k, head_dim)";
+  const char* v_layout = paged    ? "(num_pages, page_size, heads_k, head_dim_v) (a paged cache)"
+                         : varlen ? "(total_k, heads_k, head_dim_v)"
+                                  : "(batch, seqlen_k, heads_k, head_dim_v)";
   check_defined(q, "q");
   check_defined(k, "k");
   check_defined(v, "v");
@@ -262,8 +304,8 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
   p.dtype = q.dtype;
   check_compute_dtype(q, p.device);
   check_rank(q, "q", varlen ? 3 : 4, q_layout);
-  check_rank(k, "k", varlen ? 3 : 4, k_layout);
-  check_rank(v, "v", varlen ? 3 : 4, v_layout);
+  check_rank(k, "k", varlen && !paged ? 3 : 4, k_layout);
+  check_rank(v, "v", varlen && !paged ? 3 : 4, v_layout);
   check_dtype(k, "k", q.dtype, "(the dtype of q)");
   check_dtype(v, "v", q.dtype, "(the dtype of q)");
   check_device(k, "k", p.device);
@@ -273,10 +315,11 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
   check_last_contiguous(v, "v");
 
   const int o = varlen ? -1 : 0;  // dimension offset: varlen tensors have no batch dimension
+  const int ko = paged ? 0 : o;   // a paged cache's leading dimension is its pages
   p.heads = int_size(q.shape[o + 2], "q", "a head count");
   p.head_dim = int_size(q.shape[o + 3], "q", "a head_dim");
-  p.heads_k = int_size(k.shape[o + 2], "k", "a head count");
-  p.head_dim_v = int_size(v.shape[o + 3], "v", "a head_dim_v");
+  p.heads_k = int_size(k.shape[ko + 2], "k", "a head count");
+  p.head_dim_v = int_size(v.shape[ko + 3], "v", "a head_dim_v");
   if (p.heads < 1) throw Error("q", "at least one head", q.shape_string());
   if (p.heads_k < 1) throw Error("k", "at least one head", k.shape_string());
   if (p.heads % p.heads_k != 0)
@@ -285,12 +328,15 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     throw Error("q", "head_dim between 1 and " + str(kMaxHeadDim), str(p.head_dim));
   if (p.head_dim_v < 1 || p.head_dim_v > kMaxHeadDim)
     throw Error("v", "head_dim_v between 1 and " + str(kMaxHeadDim), str(p.head_dim_v));
-  if (k.shape[o + 3] != p.head_dim)
+  if (k.shape[ko + 3] != p.head_dim)
     throw Error("k", "head_dim " + str(p.head_dim) + " (that of q)", k.shape_string());
-  if (v.shape[o + 2] != p.heads_k)
+  if (v.shape[ko + 2] != p.heads_k)
     throw Error("v", str(p.heads_k) + " heads (those of k)", v.shape_string());
-  if (v.shape[o + 1] != k.shape[o + 1])
-    throw Error("v", "the sequence length of k (" + str(k.shape[o + 1]) + ")", v.shape_string());
+  if (v.shape[ko + 1] != k.shape[ko + 1])
+    throw Error("v", (paged ? "the page size of k (" : "the sequence length of k (") + str(k.shape[ko + 1]) + ")",
+                v.shape_string());
+  if (paged && v.shape[0] != k.shape[0])
+    throw Error("v", "the page count of k (" + str(k.shape[0]) + ")", v.shape_string());
 
   if (varlen) {
     check_defined(layout->cu_seqlens_q, "cu_seqlens_q");
@@ -303,10 +349,12 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
     p.total_q = q.shape[0];
     check_cu_seqlens(layout->cu_seqlens_q, "cu_seqlens_q", p.batch, q.shape[0], layout->max_seqlen_q,
                      "max_seqlen_q", p.device);
-    check_cu_seqlens(layout->cu_seqlens_k, "cu_seqlens_k", p.batch, k.shape[0], layout->max_seqlen_k,
-                     "max_seqlen_k", p.device);
+    // Paged: cu_seqlens_k only gives the lengths (each sequence starts at its first page).
+    check_cu_seqlens(layout->cu_seqlens_k, "cu_seqlens_k", p.batch, paged ? INT64_MAX : k.shape[0],
+                     layout->max_seqlen_k, "max_seqlen_k", p.device);
     p.cu_seqlens_q = static_cast<const int32_t*>(layout->cu_seqlens_q.data);
     p.cu_seqlens_k = static_cast<const int32_t*>(layout->cu_seqlens_k.data);
+    p.total_k = paged ? INT64_MAX : k.shape[0];
     p.seqlen_q = layout->max_seqlen_q;
     p.seqlen_k = layout->max_seqlen_k;
   } else {
@@ -324,9 +372,21 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
   p.k = k.data;
   p.v = v.data;
   p.q_stride = strides_of(q, varlen);
-  p.k_stride = strides_of(k, varlen);
-  p.v_stride = strides_of(v, varlen);
+  p.k_stride = strides_of(k, varlen && !paged);
+  p.v_stride = strides_of(v, varlen && !paged);
+  if (paged) {
+    check_page_table(*layout->page_table, "page_table", p.batch, k, p);
+    if (p.device.kind == DeviceKind::cpu)
+      for (int b = 0; b < p.batch; ++b) {
+        const int64_t len = int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
+        if (len > p.page_table_capacity())
+          throw Error("cu_seqlens_k", "sequence lengths <= the page table's capacity (" +
+                      str(p.page_table_capacity()) + " = pages_per_seq * page_size)",
+                      str(len) + " at index " + str(b));
+      }
+  }
   check_options(options, p);
+  if (paged) check_page_ids(p, "page_table");
   return p;
 }
 
@@ -355,6 +415,11 @@ BwdParams check_backward(const Tensor& dout, const Tensor& q, const Tensor& k, c
   BwdParams p;
   if (options.seqused_k)
     throw Error("seqused_k", "unset in the backward (it serves decoding with a KV cache, a forward-only use)",
+                "a tensor");
+  if (options.seqused_q)
+    throw Error("seqused_q", "unset in the backward (a forward-only option, as in flash_attn v3)", "a tensor");
+  if (layout && layout->page_table)
+    throw Error("page_table", "unset in the backward (a paged KV cache serves inference, a forward-only use)",
                 "a tensor");
   if (lse_omitted(lse)) throw Error("lse", "the forward's log-sum-exp (the backward reads it)", "an empty Tensor");
   static_cast<AttnParams&>(p) = check_forward(q, k, v, out, lse, options, layout);

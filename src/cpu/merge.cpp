@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "core/half.h"
+#include "core/sink.h"
 #include "cpu/backend.h"
 
 namespace flashattn::cpu {
@@ -17,6 +18,7 @@ void merge(const MergeParams& m) {
     const int h = int(r % m.heads);
     const int64_t i = (r / m.heads) % m.seqlen_q;
     const int b = int(r / (int64_t(m.heads) * m.seqlen_q));
+    if (m.seqused_q && i >= m.seqused_q[b]) continue;  // a row the sequence does not use: not written
     int64_t out_row = i;
     if (m.cu_seqlens_q) {
       if (i >= m.cu_seqlens_q[b + 1] - m.cu_seqlens_q[b]) continue;
@@ -34,7 +36,7 @@ void merge(const MergeParams& m) {
     float lse_max = -std::numeric_limits<float>::infinity();
     for (int c = 0; c < m.splits; ++c) lse_max = std::fmax(lse_max, lse_of(c));
     if (lse_max == -std::numeric_limits<float>::infinity()) {  // no split saw a key
-      if (lse_out) *lse_out = lse_max;
+      if (lse_out) *lse_out = m.sinks ? add_sink(lse_max, m.sinks[h]).lse : lse_max;
       for (int d = 0; d < m.head_dim_v; ++d) store_from_float(m.out, out_base + d, m.out_dtype, 0.0f);
       continue;
     }
@@ -42,8 +44,14 @@ void merge(const MergeParams& m) {
     // rounded LSE would scale every weight by |LSE| * 2^-24.
     float sum = 0;
     for (int c = 0; c < m.splits; ++c) sum += std::exp(lse_of(c) - lse_max);
-    if (lse_out) *lse_out = lse_max + std::log(sum);
-    const float inv_sum = 1.0f / sum;
+    float lse = lse_max + std::log(sum);
+    float inv_sum = 1.0f / sum;
+    if (m.sinks) {  // the sink joins once, after the splits (core/sink.h)
+      const SinkedRow s = add_sink(lse, m.sinks[h]);
+      inv_sum *= s.out_scale;
+      lse = s.lse;
+    }
+    if (lse_out) *lse_out = lse;
     for (int d = 0; d < m.head_dim_v; ++d) {
       float acc = 0;
       for (int c = 0; c < m.splits; ++c) {

@@ -48,7 +48,13 @@ const KernelEntry<Launch>& sm80_kernel(const AttnParams& p, bool decode) {
 
 }  // namespace
 
+void check_forward_supported(const AttnParams& p) {
+  check_forward_call(p);
+  sm80_kernel(p, use_decode_kernel(p));
+}
+
 void forward(const AttnParams& p) {
+  if (p.sinks) return forward_with_sinks(p);  // folds the sinks in after the forward (sinks.cu)
   check_forward_call(p);
   const bool decode = use_decode_kernel(p);
   const KernelEntry<Launch>& sm80 = sm80_kernel(p, decode);

@@ -56,6 +56,7 @@ __global__ void __launch_bounds__(kWarps * 32) merge_kernel(const __grid_constan
   const int64_t i = row / m.heads % m.seqlen_q;
   const int b = int(row / (int64_t(m.heads) * m.seqlen_q));
   int64_t out_row = i;
+  if (m.seqused_q && i >= m.seqused_q[b]) return;  // a row the sequence does not use: not written
   if (m.cu_seqlens_q) {  // varlen output: packed rows; rows past this sequence's length are not its own
     if (i >= m.cu_seqlens_q[b + 1] - m.cu_seqlens_q[b]) return;
     out_row = m.cu_seqlens_q[b] + i;

@@ -101,7 +101,8 @@ void SplitWorkspace::merge_into(const AttnParams& p) const {
   m.lse_batch_stride = p.lse_batch_stride;
   m.lse_head_stride = p.lse_head_stride;
   m.lse_row_stride = 1;
-  m.cu_seqlens_q = p.cu_seqlens_q;  // varlen: sequence b's row i is packed row cu[b] + i
+  m.cu_seqlens_q = p.cu_seqlens_q;
+  m.seqused_q = p.seqused_q;  // varlen: sequence b's row i is packed row cu[b] + i
   m.stream = stream_;
   merge(m);
 }

@@ -3,6 +3,7 @@
 // views cut to those keys (the definition), and ours must match the oracle: decode and longer
 // queries, causal / window / ALiBi aligned on the used length, every split count, varlen, empty
 // caches. Bad values are rejected naming the argument, and the backward refuses it.
+#include <cmath>
 #include <cstring>
 
 #include "common/testing.h"
@@ -180,6 +181,44 @@ TEST_F(SequsedKErrors, BackwardRefusesIt) {
   } catch (const flashattn::Error& e) {
     EXPECT_EQ(e.argument(), "seqused_k") << e.what();
   }
+}
+
+// seqused_q (flash_attn v3): sequence b uses its first seqused_q[b] query rows; rows past them are
+// not written (their poison stays), the used rows match the oracle (aligned on the used length).
+TEST(SequsedQVarlen, UsesTheFirstRowsAndWritesNoOther) {
+  Config c;
+  c.heads = 4;
+  c.heads_k = 2;
+  c.d = 32;
+  c.lens_q = {5, 3, 70, 2};
+  c.lens_k = {9, 2, 80, 0};
+  c.causal = true;
+  VarlenProblem p(c, test_seed());
+  std::vector<int32_t> used = {2, 3, 33, 0};
+  p.opt.seqused_q = Tensor::contiguous(used.data(), DType::i32, {4});
+  ASSERT_TRUE(p.forward());  // poisons out/lse first
+  const auto ours = p.ours(), ref = p.oracle(false);
+  const int dv = c.head_dim_v();
+  for (int b = 0; b < 4; ++b)
+    for (int64_t i = 0; i < c.lens_q[b]; ++i)
+      for (int h = 0; h < c.heads; ++h) {
+        const int64_t row = p.cu_q[b] + i;
+        const double o = ours.out[(row * c.heads + h) * dv];
+        if (i >= used[b]) {
+          EXPECT_TRUE(std::isnan(o)) << "row " << i << " of sequence " << b << " was written";
+          EXPECT_TRUE(std::isnan(ours.lse[h * p.used_q() + row]));
+        }
+      }
+  // The used rows against the oracle (the unused ones are the oracle's zeros / -inf vs our poison).
+  std::vector<double> ours_out = ours.out, ours_lse = ours.lse;
+  for (size_t i = 0; i < ours_out.size(); ++i)
+    if (std::isnan(ours_out[i])) ours_out[i] = ref.out[i];
+  for (size_t i = 0; i < ours_lse.size(); ++i)
+    if (std::isnan(ours_lse[i])) ours_lse[i] = ref.lse[i];
+  EXPECT_TRUE(close("O", c.dtype, ours_out, nullptr, ref.out));
+  EXPECT_TRUE(close("LSE", c.dtype, ours_lse, nullptr, ref.lse));
+  used[2] = 71;  // past the sequence's 70 rows
+  EXPECT_FALSE(runs("bad seqused_q", [&] { flashattn::forward_varlen(p.q, p.k, p.v, p.out, p.lse, p.layout, p.opt); }));
 }
 
 }  // namespace

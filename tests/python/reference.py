@@ -20,8 +20,10 @@ def visible(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
     return ok
 
 
-def attention(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """q (b, sq, h, d), k/v (b, sk, hk, d) -> out fp64 (b, sq, h, dv), lse fp64 (b, h, sq)."""
+def attention(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+              sinks=None):
+    """q (b, sq, h, d), k/v (b, sk, hk, d) -> out fp64 (b, sq, h, dv), lse fp64 (b, h, sq).
+    sinks (h,): one extra logit per head in every row's softmax denominator, with no value."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -40,6 +42,10 @@ def attention(q, k, v, softmax_scale=None, causal=False, window=(-1, -1), softca
         s = s - slopes * np.abs(i + sk - sq - j)
     mask = visible(sq, sk, causal, window)
     s = np.where(mask, s, -np.inf)
+    if sinks is not None:  # a value-less column holding the sink logit
+        sink_col = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None, None], s.shape[:-1] + (1,))
+        s = np.concatenate([s, sink_col], axis=-1)
+        v = np.concatenate([v, np.zeros_like(v[:, :1])], axis=1)
     m = s.max(axis=-1, keepdims=True, initial=-np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)

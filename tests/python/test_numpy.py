@@ -150,7 +150,8 @@ def test_varlen_errors():
     expect_error("cu_seqlens_q", f, q, k, v, cu_q.astype(np.float32), cu_k, 6, 6)
     expect_error("cu_seqlens_k", f, q, k, v, cu_q, np.array([0, 6, 4], np.int32), 6, 6)
     expect_error("max_seqlen_q", f, q, k, v, cu_q, cu_k, 2, 6)
-    expect_error("block_table", f, q, k, v, cu_q, cu_k, 6, 6, block_table=np.zeros(1), exc=NotImplementedError)
+    # a block table makes k/v paged caches (num_pages, page_size, heads_k, d): packed rank-3 k is refused
+    expect_error("k", f, q, k, v, cu_q, cu_k, 6, 6, block_table=np.zeros((2, 1), np.int32))
 
 
 def test_module():
@@ -187,10 +188,12 @@ def test_kvcache_appends_and_matches_per_sequence(causal):
 def test_kvcache_errors():
     q, cache = randn(2, 1, 4, 32), randn(2, 8, 2, 32)
     f = flashattn.flash_attn_with_kvcache
-    expect_error("block_table", f, q, cache, cache, block_table=np.zeros((2, 1), np.int32), exc=NotImplementedError)
-    expect_error("rotary_cos", f, q, cache, cache, rotary_cos=np.zeros((8, 16)), exc=NotImplementedError)
+    expect_error("page_table", f, q, cache, cache, block_table=np.zeros((2, 1), np.float32))
+    expect_error("page_table", f, q, cache, cache, block_table=np.full((2, 1), 2, np.int32))  # 2 pages: ids 0, 1
+    rot = np.zeros((8, 8), np.float32)
+    expect_error("rotary_cos", f, q, cache, cache, rotary_cos=rot, rotary_sin=rot)  # rotary needs an append
     expect_error("cache_seqlens", f, q, cache, cache, cache_seqlens=[3, 9])
-    expect_error("k", f, q, cache, cache.copy(), randn(2, 3, 2, 32), randn(2, 3, 2, 32), cache_seqlens=6)
+    expect_error("cache_seqlens", f, q, cache, cache.copy(), randn(2, 3, 2, 32), randn(2, 3, 2, 32), cache_seqlens=6)
 
 
 def sdpa_reference(q, k, v, is_causal, scale=None):

@@ -68,19 +68,30 @@ def test_opcheck(device):
     dtype = dtype_for(device)
     make = lambda *s, g=True: torch.randn(*s, device=device, dtype=dtype, requires_grad=g)  # noqa: E731
     q, k, v = make(2, 9, 4, 64), make(2, 11, 2, 64), make(2, 11, 2, 64)
-    opts = (None, True, -1, -1, 0.0, None, False, 0)
+    opts = (None, True, -1, -1, 0.0, None, None, False, 0)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, *opts), test_utils=tests)
+    sinks = torch.randn(4, device=device, dtype=torch.float32, requires_grad=True)  # attention sinks, differentiable
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, (q, k, v, None, True, -1, -1, 0.0, None, sinks, False, 0),
+                          test_utils=tests)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     qv, kv, vv = make(9, 4, 64), make(9, 2, 64), make(9, 2, 64)
     torch.library.opcheck(torch.ops.flashattn.varlen_fwd.default, (qv, kv, vv, cu, cu, 5, 5, *opts), test_utils=tests)
     seqlens = torch.tensor([3, 11], dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.flashattn.fwd_kvcache.default,
-                          (q.detach(), k.detach(), v.detach(), seqlens, None, True, -1, -1, 0.0, None, 0))
+                          (q.detach(), k.detach(), v.detach(), seqlens, None, True, -1, -1, 0.0, None, None, 0))
+    # the full kvcache operator mutates the caches (the append): its schema says so
+    k_cache, v_cache = torch.zeros(2, 16, 2, 64, device=device, dtype=dtype), torch.zeros(2, 16, 2, 64, device=device,
+                                                                                           dtype=dtype)
+    new = torch.randn(2, 3, 2, 64, device=device, dtype=dtype)
+    table_free = (None, None, None, None, None, True, None, True, -1, -1, 0.0, None, None, 0)
+    torch.library.opcheck(torch.ops.flashattn.fwd_kvcache_full.default,
+                          (q.detach(), k_cache, v_cache, new, new.clone(), seqlens.clamp(max=13)) + table_free,
+                          test_utils=("test_schema", "test_faketensor"))
     out, lse = torch.ops.flashattn.fwd(q, k, v, *opts)
     # not differentiable itself (no double backward): schema and fake implementation only
     torch.library.opcheck(torch.ops.flashattn.bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, None, True, -1, -1, 0.0, None, False),
+                          (torch.randn_like(out), q, k, v, out, lse, None, True, -1, -1, 0.0, None, None, False),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -102,7 +113,7 @@ def test_modes_and_tracing_see_the_operators(device):
     dtype = dtype_for(device)
     q, k, v = (torch.randn(2, 9, h, 64, device=device, dtype=dtype) for h in (4, 2, 2))
     eager = flashattn.flash_attn_func(q, k, v, causal=True)
-    via_op, _ = torch.ops.flashattn.fwd_kvcache(q, k, v, None, None, True, -1, -1, 0.0, None, 0)
+    via_op, _ = torch.ops.flashattn.fwd_kvcache(q, k, v, None, None, True, -1, -1, 0.0, None, None, 0)
     assert torch.equal(eager, via_op)  # the same kernel either way
     with Record() as record:
         flashattn.flash_attn_func(q, k, v, causal=True)

@@ -121,15 +121,20 @@ def test_kvcache_errors_name_the_argument():
     q = torch.randn(2, 1, 4, 32)
     k_cache = torch.randn(2, 16, 2, 32)
     f = flashattn.flash_attn_with_kvcache
-    for name in ("block_table", "rotary_cos", "rotary_sin", "cache_batch_idx", "cache_leftpad"):
-        with pytest.raises(NotImplementedError, match=f"'{name}'"):
-            f(q, k_cache, k_cache, cache_seqlens=3, **{name: torch.zeros(2, dtype=torch.int32)})
+    bad = {"block_table": torch.zeros(2, dtype=torch.int32),      # a table is (batch, pages_per_seq)
+           "cache_batch_idx": torch.tensor([0, 2], dtype=torch.int32),  # the cache has rows 0 and 1
+           "cache_leftpad": torch.tensor([0, 4], dtype=torch.int32)}    # past cache_seqlens = 3
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"'{'page_table' if name == 'block_table' else name}'"):
+            f(q, k_cache, k_cache, cache_seqlens=3, **{name: value})
+    with pytest.raises(ValueError, match="'rotary_sin'"):
+        f(q, k_cache, k_cache, cache_seqlens=3, rotary_cos=torch.zeros(16, 8))
     new = torch.randn(2, 2, 2, 32)
     with pytest.raises(ValueError, match="'cache_seqlens'"):
         f(q, k_cache, k_cache, new, new)  # appending needs cache_seqlens
     with pytest.raises(ValueError, match="'v'"):
         f(q, k_cache, k_cache, new, None, cache_seqlens=3)
-    with pytest.raises(ValueError, match="'k'"):
+    with pytest.raises(ValueError, match="'cache_seqlens'"):
         f(q, k_cache, k_cache.clone(), new, new, cache_seqlens=15)  # 15 + 2 > 16
     with pytest.raises(ValueError, match="'cache_seqlens'"):
         f(q, k_cache, k_cache, cache_seqlens=torch.tensor([3, 17], dtype=torch.int32))

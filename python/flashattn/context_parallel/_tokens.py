@@ -39,14 +39,14 @@ class DenseTokens:
 
     def forward(self, q, k, v, step, options):
         return _fwd_kernel(self.rows(q, step.queries), self.rows(k, step.keys), self.rows(v, step.keys),
-                           options.softmax_scale, step.causal, *step.window, options.softcap, None,
+                           options.softmax_scale, step.causal, *step.window, options.softcap, None, None,
                            options.deterministic, 0)
 
     def backward(self, dout, q, k, v, out, lse, step, options):
         queries = step.queries
         return _bwd_kernel(self.rows(dout, queries), self.rows(q, queries), self.rows(k, step.keys),
                            self.rows(v, step.keys), self.rows(out, queries), self.rows(lse, queries, lse=True),
-                           options.softmax_scale, step.causal, *step.window, options.softcap, None,
+                           options.softmax_scale, step.causal, *step.window, options.softcap, None, None,
                            options.deterministic)
 
     def add(self, acc, x, part):
@@ -91,7 +91,7 @@ class VarlenTokens:
         (cu_q, max_q), (cu_k, max_k) = self._layout(step.queries), self._layout(step.keys)
         return _varlen_fwd_kernel(self.rows(q, step.queries), self.rows(k, step.keys), self.rows(v, step.keys),
                                   cu_q, cu_k, max_q, max_k, options.softmax_scale, step.causal, *step.window,
-                                  options.softcap, None, options.deterministic, 0)
+                                  options.softcap, None, None, options.deterministic, 0)
 
     def backward(self, dout, q, k, v, out, lse, step, options):
         queries = step.queries
@@ -99,7 +99,7 @@ class VarlenTokens:
         return _varlen_bwd_kernel(self.rows(dout, queries), self.rows(q, queries), self.rows(k, step.keys),
                                   self.rows(v, step.keys), self.rows(out, queries), self.rows(lse, queries, lse=True),
                                   cu_q, cu_k, max_q, max_k, options.softmax_scale, step.causal, *step.window,
-                                  options.softcap, None, options.deterministic)
+                                  options.softcap, None, None, options.deterministic)
 
     def add(self, acc, x, part):
         if part == ALL:

@@ -24,6 +24,7 @@
 
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/split_partials.h"
+#include "core/sink.h"
 
 namespace flashattn::cpu::FLASHATTN_CPU_ISA {
 namespace {
@@ -104,7 +105,9 @@ void attend(const AttnParams& p, int b, const Rows& rows, int64_t lo, int64_t hi
     // S = Q K^T, one key row (all kv heads) at a time.
     for (int j = 0; j < cols; ++j) {
       for (int hk = 0; hk < p.heads_k; ++hk) {
-        prefetch_row(k_base, p.k_offset(b, c0 + j + kPrefetchAhead, hk), p.dtype, d);
+        // Paged: the row ahead may lie past the sequence, whose page-table entry is not to be read.
+        if (p.kv_rows_strided() || c0 + j + kPrefetchAhead < hi)
+          prefetch_row(k_base, p.k_offset(b, c0 + j + kPrefetchAhead, hk), p.dtype, d);
         const char* src = k_base + esize * p.k_offset(b, c0 + j, hk);
         const float* kj = reinterpret_cast<const float*>(src);
         if (!k_direct) {
@@ -159,7 +162,8 @@ void attend(const AttnParams& p, int b, const Rows& rows, int64_t lo, int64_t hi
     // acc += P V, one value row (all kv heads) at a time.
     for (int j = 0; j < cols; ++j) {
       for (int hk = 0; hk < p.heads_k; ++hk) {
-        prefetch_row(v_base, p.v_offset(b, c0 + j + kPrefetchAhead, hk), p.dtype, dv);
+        if (p.kv_rows_strided() || c0 + j + kPrefetchAhead < hi)
+          prefetch_row(v_base, p.v_offset(b, c0 + j + kPrefetchAhead, hk), p.dtype, dv);
         const char* src = v_base + esize * p.v_offset(b, c0 + j, hk);
         const float* vj = reinterpret_cast<const float*>(src);
         if (!v_direct) {
@@ -212,10 +216,15 @@ void forward_decode(const AttnParams& p, int threads) {
       for (int64_t r = 0; r < n_rows; ++r) {
         // O = acc / l, LSE = ln2 (m + log2 l); a row that saw no key: 0 and -inf.
         const float l = ws.l[r];
-        const float inv = l > 0 ? 1.0f / l : 0.0f;
-        const float lse = l > 0 ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf;
+        float inv = l > 0 ? 1.0f / l : 0.0f;
+        float lse = l > 0 ? (ws.m[r] + std::log2(l)) * kLn2 : kNegInf;
         const int64_t query = rows.query(r);
         const int head = rows.head(r);
+        if (p.sinks && splits == 1) {  // split partials: merge() adds the sink once
+          const SinkedRow s = add_sink(lse, p.sinks[head]);
+          inv *= s.out_scale;
+          lse = s.lse;
+        }
         if (splits > 1) {
           from_float(&ws.acc[r * dv_pad], inv, p.head_dim_v, DType::f32, partials[0].out(split, b, query, head));
           partials[0].lse(split, b, query, head) = lse;

@@ -25,6 +25,7 @@
 #include "cpu/kernels/decode.h"
 #include "cpu/kernels/tiles.h"
 #include "cpu/backend.h"
+#include "core/sink.h"
 
 namespace flashattn::cpu::FLASHATTN_CPU_ISA {
 namespace {
@@ -95,13 +96,18 @@ void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_p
   const size_t esize = dtype_size(p.dtype);
   const char* k_base = static_cast<const char*>(p.k) + esize * p.k_offset(t.b, c0, t.hk);
   StridedA k_block{nullptr, 0, 1};
-  if (p.dtype == DType::f32) {
+  if (p.dtype == DType::f32 && p.kv_rows_strided()) {
     k_block = {reinterpret_cast<const float*>(k_base), p.k_stride.row, 1};
-  } else {
+  } else if (p.kv_rows_strided()) {
     for (int j = 0; j < cols; ++j) {
       prefetch_row(k_base, p.k_stride.row * (j + kPrefetchRows), p.dtype, p.head_dim);
       to_float(k_base + esize * p.k_stride.row * j, p.dtype, p.head_dim, &ws.k[int64_t(j) * p.head_dim]);
     }
+    k_block = {ws.k.data(), p.head_dim, 1};
+  } else {  // paged: each key row through the page table
+    const char* k_all = static_cast<const char*>(p.k);
+    for (int j = 0; j < cols; ++j)
+      to_float(k_all + esize * p.k_offset(t.b, c0 + j, t.hk), p.dtype, p.head_dim, &ws.k[int64_t(j) * p.head_dim]);
     k_block = {ws.k.data(), p.head_dim, 1};
   }
   if (t.rows > kDotRows) {
@@ -120,8 +126,10 @@ void scores(const AttnParams& p, const Task& t, int64_t c0, int cols, int rows_p
     const float* kj = k_block.data + j * k_block.row_stride;
     // Far ahead: a row costs only a few dozen cycles here against a memory latency of hundreds
     // (past the block's end it warms the next block; a prefetch never faults).
-    if (p.dtype == DType::f32) prefetch_row(kj, k_block.row_stride * kDecodePrefetchRows, DType::f32, p.head_dim);
-    prefetch_row(v_base, p.v_stride.row * j, p.dtype, p.head_dim_v);
+    if (p.kv_rows_strided()) {
+      if (p.dtype == DType::f32) prefetch_row(kj, k_block.row_stride * kDecodePrefetchRows, DType::f32, p.head_dim);
+      prefetch_row(v_base, p.v_stride.row * j, p.dtype, p.head_dim_v);
+    }
     float* s = &ws.s_t[int64_t(j) * rows_pad];
     for (int i = 0; i < t.rows; ++i) {
       vfloat acc{};
@@ -138,15 +146,19 @@ const float* value_block(const AttnParams& p, const Task& t, int64_t c0, int col
                          Workspace& ws) {
   const size_t esize = dtype_size(p.dtype);
   const char* v_base = static_cast<const char*>(p.v) + esize * p.v_offset(t.b, c0, t.hk);
-  if (p.dtype == DType::f32 && p.head_dim_v % kLanes == 0) {
+  if (p.dtype == DType::f32 && p.head_dim_v % kLanes == 0 && p.kv_rows_strided()) {
     ldv = p.v_stride.row;
     return reinterpret_cast<const float*>(v_base);
   }
   ldv = round_up(p.head_dim_v, kLanes);
   for (int j = 0; j < cols; ++j) {
-    prefetch_row(v_base, p.v_stride.row * (j + kPrefetchRows), p.dtype, p.head_dim_v);
+    const char* src = v_base + esize * p.v_stride.row * j;
+    if (p.kv_rows_strided())
+      prefetch_row(v_base, p.v_stride.row * (j + kPrefetchRows), p.dtype, p.head_dim_v);
+    else  // paged: each value row through the page table
+      src = static_cast<const char*>(p.v) + esize * p.v_offset(t.b, c0 + j, t.hk);
     float* dst = &ws.v[j * ldv];
-    to_float(v_base + esize * p.v_stride.row * j, p.dtype, p.head_dim_v, dst);
+    to_float(src, p.dtype, p.head_dim_v, dst);
     std::fill(dst + p.head_dim_v, dst + ldv, 0.0f);
   }
   return ws.v.data();
@@ -254,10 +266,16 @@ void write_output(const AttnParams& p, const Task& t, Workspace& ws) {
   const size_t esize = dtype_size(p.dtype);
   for (int i = 0; i < t.rows; ++i) {
     const float l = ws.l[i];
-    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    float inv = l > 0 ? 1.0f / l : 0.0f;
+    float lse = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+    if (p.sinks) {
+      const SinkedRow s = add_sink(lse, p.sinks[t.head(i)]);
+      inv *= s.out_scale;
+      lse = s.lse;
+    }
     from_float(&ws.acc[int64_t(i) * dv_pad], inv, p.head_dim_v, p.dtype,
                static_cast<char*>(p.out) + esize * p.out_offset(t.b, t.query(i), t.head(i)));
-    if (p.lse) p.lse[p.lse_offset(t.b, t.query(i), t.head(i))] = l > 0 ? (ws.m[i] + std::log2(l)) * kLn2 : kNegInf;
+    if (p.lse) p.lse[p.lse_offset(t.b, t.query(i), t.head(i))] = lse;
   }
 }
 

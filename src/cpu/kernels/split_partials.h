@@ -55,6 +55,8 @@ class SplitPartials {
     mp_.lse_head_stride = p.lse_head_stride;
     mp_.lse_row_stride = 1;
     mp_.cu_seqlens_q = p.cu_seqlens_q;
+    mp_.sinks = p.sinks;
+    mp_.seqused_q = p.seqused_q;
     mp_.num_threads = threads;
     cpu::merge(mp_);
   }

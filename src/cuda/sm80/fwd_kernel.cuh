@@ -117,6 +117,26 @@ __device__ __forceinline__ void load_tile(typename Tr::Element* smem_tile, const
   }
 }
 
+// load_tile for rows that are not one stride apart (a paged KV cache): row r's address comes from
+// row_at(r), or nullptr for a row that must read as zeros (outside the cache).
+template <typename Tr, int kRows, typename RowAt>
+__device__ __forceinline__ void load_tile_rows(typename Tr::Element* smem_tile, RowAt row_at, int64_t rows_valid,
+                                               int chunks_valid, const void* fallback, int tid) {
+  constexpr int kChunks = Tr::kChunks, kThreads = Tr::kThreads;
+  constexpr int kPerThread = (kRows * kChunks + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int idx = tid + i * kThreads;
+    if (idx >= kRows * kChunks) break;
+    const int row = idx / kChunks;
+    const int chunk = idx % kChunks;
+    const typename Tr::Element* base = row < rows_valid && chunk < chunks_valid ? row_at(row) : nullptr;
+    const bool valid = base != nullptr;
+    const void* src = valid ? static_cast<const void*>(base + chunk * 8) : fallback;
+    ptx::cp_async_16(ptx::smem_addr(smem_tile + row * Tr::kRowPitch + chunk * 8), src, valid);
+  }
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -207,19 +227,39 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   T* smem_v = smem_k + 2 * Tr::kSmemKV;   // 2 stages
 
   const T* gmem_q = static_cast<const T*>(p.q) + p.q_offset(b, m0, h);
-  const T* gmem_k = static_cast<const T*>(p.k) + p.k_offset(b, 0, hk);
-  const T* gmem_v = static_cast<const T*>(p.v) + p.v_offset(b, 0, hk);
+  // A KV cache's rows: dense ones one row stride apart from the sequence's first key; paged ones
+  // each through the page table (AttnParams::kv_row_offset). Rows outside the cache (trusted
+  // device-side indices gone wrong) read as zeros instead of outside memory.
+  const bool paged = p.page_table != nullptr;
+  const bool cache_row_ok = paged || p.kv_row_in_cache(b, 0);
+  const T* gmem_k = static_cast<const T*>(p.k) + (paged || !cache_row_ok ? 0 : p.k_offset(b, 0, hk));
+  const T* gmem_v = static_cast<const T*>(p.v) + (paged || !cache_row_ok ? 0 : p.v_offset(b, 0, hk));
+  const int64_t keys_readable = cache_row_ok ? len_k : 0;
   const int qk_chunks = p.head_dim / 8;
 
   auto load_k = [&](int n_block, int stage) {
     const int64_t n0 = int64_t(n_block) * kBlockN;
+    if (paged) {
+      const auto row_at = [&](int r) -> const T* {
+        return p.kv_row_in_cache(b, n0 + r) ? static_cast<const T*>(p.k) + p.k_offset(b, n0 + r, hk) : nullptr;
+      };
+      detail::load_tile_rows<Tr, kBlockN>(smem_k + stage * Tr::kSmemKV, row_at, len_k - n0, qk_chunks, p.k, tid);
+      return;
+    }
     detail::load_tile<Tr, kBlockN>(smem_k + stage * Tr::kSmemKV, gmem_k + n0 * p.k_stride.row, p.k_stride.row,
-                                   len_k - n0, qk_chunks, p.k, tid);
+                                   keys_readable - n0, qk_chunks, p.k, tid);
   };
   auto load_v = [&](int n_block, int stage) {
     const int64_t n0 = int64_t(n_block) * kBlockN;
+    if (paged) {
+      const auto row_at = [&](int r) -> const T* {
+        return p.kv_row_in_cache(b, n0 + r) ? static_cast<const T*>(p.v) + p.v_offset(b, n0 + r, hk) : nullptr;
+      };
+      detail::load_tile_rows<Tr, kBlockN>(smem_v + stage * Tr::kSmemKV, row_at, len_k - n0, out_chunks, p.v, tid);
+      return;
+    }
     detail::load_tile<Tr, kBlockN>(smem_v + stage * Tr::kSmemKV, gmem_v + n0 * p.v_stride.row, p.v_stride.row,
-                                   len_k - n0, out_chunks, p.v, tid);
+                                   keys_readable - n0, out_chunks, p.v, tid);
   };
 
   // Prologue: Q and the first K block in one group, the first V block in the next.

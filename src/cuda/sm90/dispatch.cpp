@@ -50,6 +50,9 @@ std::string coverage_problem(const AttnParams& p, int device, const KernelEntry<
     return "the device is sm_" + std::to_string(major) + std::to_string(minor) + " (sm90a code runs on sm_90 only)";
   if (p.dtype != DType::bf16 && p.dtype != DType::f16) return "dtype is not fp16 or bf16";
   if (p.cu_seqlens_q || p.cu_seqlens_k || p.seqused_k) return "varlen batches are not covered yet";
+  if (p.page_table || p.kv_batch_idx || p.k_leftpad || p.seqused_q)
+    return "KV-cache addressing (a page table, cache rows, left padding) or seqused_q is not covered yet (sm80 "
+           "serves it)";
   const int need = std::max(p.head_dim, p.head_dim_v);
   const KernelEntry<Kernel>* e = find_kernel(table, need, p.dtype);
   if (!e) return "no sm90 instantiation for head dim " + std::to_string(need) + " in this build";
