@@ -63,11 +63,22 @@ class AttentionOptions:
         self.deterministic = bool(deterministic)
         self.num_splits = int(num_splits)
 
-    @classmethod
-    def of(cls, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks=None, deterministic=False,
-           num_splits=0):
-        left, right = window_pair(window_size, causal)
-        return cls(softmax_scale, causal, left, right, softcap, alibi_slopes, sinks, deterministic, num_splits)
+    @staticmethod
+    def of(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks=None, deterministic=False, num_splits=0):
+        """From flash_attn's arguments. (On every decode step: the default window skips window_pair.)"""
+        o = AttentionOptions.__new__(AttentionOptions)
+        o.softmax_scale = None if softmax_scale is None else float(softmax_scale)
+        o.causal = bool(causal)
+        if window_size is NO_WINDOW:
+            o.window_left, o.window_right = -1, (0 if o.causal else -1)
+        else:
+            o.window_left, o.window_right = window_pair(window_size, o.causal)
+        o.softcap = float(softcap)
+        o.alibi_slopes = alibi_slopes
+        o.sinks = sinks
+        o.deterministic = bool(deterministic)
+        o.num_splits = int(num_splits)
+        return o
 
 
 def one_of(v2_value, v3_value, v2_name, v3_name):
