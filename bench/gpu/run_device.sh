@@ -53,13 +53,13 @@ check() {
 
   echo "== compute-sanitizer memcheck (a small subset of every kernel family)"
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$TESTS" \
-    --gtest_filter='Grid/CudaForward.MatchesOracle/d64_*:Grid/CudaForward.MatchesOracle/d40_*:Grid/CudaForward.MatchesOracle/varlen_*:Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:SplitKV/*decode*:CudaMerge.*:CudaErrors.*:Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaBackward.MatchesOracle/d40_sq65_sk63*:Grid/CudaBackward.MatchesOracle/varlen_fp16_window_bhsd:Grid/CudaBackward.MatchesOracle/d256_sq1_sk64*:CudaBackwardErrors.*' \
+    --gtest_filter='Grid/CudaForward.MatchesOracle/d64_*:Grid/CudaForward.MatchesOracle/d40_*:Grid/CudaForward.MatchesOracle/varlen_*:Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:SplitKV/*decode*:CudaMerge.*:CudaErrors.*:Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Grid/CudaBackward.MatchesOracle/d40_sq65_sk63*:Grid/CudaBackward.MatchesOracle/varlen_fp16_window_bhsd:Grid/CudaBackward.MatchesOracle/d256_sq1_sk64*:CudaBackwardErrors.*:Cases/CudaKVCache.*:CudaCheckLengths.*' \
     > "$OUT/sanitizer.log" 2>&1
   echo "memcheck exit code $?"
   grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$OUT/sanitizer.log" | tail -4
   echo "== compute-sanitizer racecheck (forward, split-KV decode, backward)"
   timeout 90 compute-sanitizer --tool racecheck --error-exitcode 3 "$TESTS" \
-    --gtest_filter='Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:SplitKV/CudaForward.MatchesOracle/decode_sq7_group8_window_splits5:Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows' \
+    --gtest_filter='Grid/CudaForward.MatchesOracle/causal_sq_gt_sk_empty_rows:SplitKV/CudaForward.MatchesOracle/decode_sq7_group8_window_splits5:Grid/CudaBackward.MatchesOracle/causal_sq_gt_sk_empty_rows:Cases/CudaKVCache.MatchesOracle/paged16_batch_idx_leftpad_sinks:Cases/CudaKVCache.MatchesOracle/paged3_chunk_fwd_kernel_rotary' \
     > /tmp/racecheck.log 2>&1
   echo "racecheck exit code $?"
   cat /tmp/racecheck.log >> "$OUT/sanitizer.log"
