@@ -20,6 +20,8 @@ OUT=${OUT:-$ROOT/device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [[ -d $DIR/lib || ! -f $DIR/lib.tar.xz ]] || tar -xJf "$DIR/lib.tar.xz" -C "$DIR"
+# The binaries travel compressed (the call carries at most 64 MiB; each holds every kernel).
+[[ -x $DIR/flashattn_cuda_tests || ! -f $DIR/bins.tar.xz ]] || tar -xJf "$DIR/bins.tar.xz" -C "$DIR"
 export LD_LIBRARY_PATH=$DIR/lib:${LD_LIBRARY_PATH:-}
 TESTS=$DIR/flashattn_cuda_tests
 GPU_BENCH=$DIR/flashattn-gpu-bench
