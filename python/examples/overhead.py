@@ -108,7 +108,7 @@ def main(args):
     except TypeError:  # an older build (before/after comparisons): no seqused_k in the binding
         baselines["C++ launch, seqused_k"] = lambda: cpp()
     cap = torch._C._to_dlpack
-    opts = (None, False, -1, -1, 0.0, None)
+    opts = (None, False, -1, -1, 0.0, None, None)  # the operators' options: scale .. alibi_slopes, sinks
     plain, used = baselines
     if hasattr(_C, "forward_eager") and _C.has_exchange_api(torch.Tensor):
         binding = ("binding only (_C.forward_eager)",
