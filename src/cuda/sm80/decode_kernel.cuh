@@ -118,7 +118,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // kScoreMod: softcap and/or ALiBi present (a separate instantiation keeps tanh and the distance
 // arithmetic out of the plain kernel).
-template <typename Tr, bool kScoreMod>
+// kPaged: K/V rows through the page table (a paged KV cache); its own instantiation, so the
+// dense kernel's copy loop keeps one stride per row (a run-time switch there cost 30-50% of the
+// decode rate on the H100: bench/results/2026-12-06-h100-session4-df3fd27.md).
+template <typename Tr, bool kScoreMod, bool kPaged = false>
 __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid_constant__ AttnParams p,
                                                                      const __grid_constant__ DecodeArgs args) {
   using T = typename Tr::Element;
@@ -183,24 +186,25 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
 
   // Block n of this warp into ring stage `stage`: K then V, keys past the sequence zero-filled
   // (a NaN left in V would poison O through P = 0), chunks past the real head dims too.
-  // A KV cache's rows: a dense cache steps one row stride per key from the sequence's first key; a
-  // paged one looks each key up through the page table (AttnParams::kv_row_offset). A row outside
-  // the cache (trusted device-side indices gone wrong) reads as zeros instead of outside memory.
-  const bool paged = p.page_table != nullptr;
-  const bool cache_row_ok = paged || p.kv_row_in_cache(b, 0);
-  const T* gmem_k = static_cast<const T*>(p.k) + (paged || !cache_row_ok ? 0 : p.k_offset(b, 0, hk));
-  const T* gmem_v = static_cast<const T*>(p.v) + (paged || !cache_row_ok ? 0 : p.v_offset(b, 0, hk));
-  auto key_ok = [&](int64_t key) { return paged ? p.kv_row_in_cache(b, key) : cache_row_ok; };
-  auto k_row = [&](int64_t key) {
-    return paged ? static_cast<const T*>(p.k) + p.k_offset(b, key, hk) : gmem_k + key * p.k_stride.row;
+  // A KV cache's rows: a dense cache steps one row stride per key from the sequence's first key
+  // (the copy loops below walk pointers); a paged one (kPaged) looks each key up through the page
+  // table (AttnParams::kv_row_offset). Rows outside the cache (trusted device-side indices gone
+  // wrong) read as zeros instead of outside memory.
+  const bool cache_row_ok = kPaged || p.kv_row_in_cache(b, 0);
+  const int64_t keys_readable = cache_row_ok ? len_k : 0;
+  const T* gmem_k = static_cast<const T*>(p.k) + (kPaged || !cache_row_ok ? 0 : p.k_offset(b, 0, hk));
+  const T* gmem_v = static_cast<const T*>(p.v) + (kPaged || !cache_row_ok ? 0 : p.v_offset(b, 0, hk));
+  // Paged: key `key`'s K (V) row, or null outside the cache.
+  auto k_row = [&](int64_t key) -> const T* {
+    return p.kv_row_in_cache(b, key) ? static_cast<const T*>(p.k) + p.k_offset(b, key, hk) : nullptr;
   };
-  auto v_row = [&](int64_t key) {
-    return paged ? static_cast<const T*>(p.v) + p.v_offset(b, key, hk) : gmem_v + key * p.v_stride.row;
+  auto v_row = [&](int64_t key) -> const T* {
+    return p.kv_row_in_cache(b, key) ? static_cast<const T*>(p.v) + p.v_offset(b, key, hk) : nullptr;
   };
   const uint32_t smem_ring = ptx::smem_addr(smem_kv);
   auto load_block = [&](int n, int stage) {
     const int64_t n0 = (nb_begin + warp + int64_t(kWarps) * n) * kBlockN;
-    const int64_t rows_left = len_k - n0;
+    const int64_t rows_left = keys_readable - n0;
     const uint32_t smem_k = smem_ring + stage * 2 * Tr::kSmemKV * sizeof(T);
     const uint32_t smem_v = smem_k + Tr::kSmemKV * sizeof(T);
     if constexpr (32 % kChunks == 0) {
@@ -208,30 +212,53 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_decode_kernel(const __grid
       constexpr int kRowStep = 32 / kChunks;
       const int row0 = lane / kChunks, chunk = lane % kChunks;
       const bool k_chunk_ok = chunk < qk_chunks, v_chunk_ok = chunk < v_chunks;
+      const T* k_src = gmem_k + (n0 + row0) * p.k_stride.row + chunk * 8;  // dense
+      const T* v_src = gmem_v + (n0 + row0) * p.v_stride.row + chunk * 8;
       const uint32_t dst = (row0 * kPitch + chunk * 8) * sizeof(T);
 #pragma unroll
       for (int i = 0; i < Tr::kCopies; ++i) {
         const int r = row0 + i * kRowStep;
-        const bool row_ok = r < rows_left && key_ok(n0 + r);
-        const bool k_ok = row_ok && k_chunk_ok, v_ok = row_ok && v_chunk_ok;
+        const bool row_ok = r < rows_left;
+        if constexpr (kPaged) {
+          k_src = row_ok ? k_row(n0 + r) : nullptr;
+          v_src = row_ok ? v_row(n0 + r) : nullptr;
+          if (k_src) k_src += chunk * 8;
+          if (v_src) v_src += chunk * 8;
+        }
+        const bool k_ok = row_ok && k_chunk_ok && (!kPaged || k_src);
+        const bool v_ok = row_ok && v_chunk_ok && (!kPaged || v_src);
         const uint32_t d = dst + i * kRowStep * kPitch * sizeof(T);
-        decode_detail::cp_async_16_stream<Tr::kPrefetchBytes>(
-            smem_k + d, k_ok ? static_cast<const void*>(k_row(n0 + r) + chunk * 8) : p.k, k_ok);
-        decode_detail::cp_async_16_stream<Tr::kPrefetchBytes>(
-            smem_v + d, v_ok ? static_cast<const void*>(v_row(n0 + r) + chunk * 8) : p.v, v_ok);
+        decode_detail::cp_async_16_stream<Tr::kPrefetchBytes>(smem_k + d, k_ok ? static_cast<const void*>(k_src) : p.k, k_ok);
+        decode_detail::cp_async_16_stream<Tr::kPrefetchBytes>(smem_v + d, v_ok ? static_cast<const void*>(v_src) : p.v, v_ok);
+        if constexpr (!kPaged) {
+          k_src += kRowStep * p.k_stride.row;
+          v_src += kRowStep * p.v_stride.row;
+        }
       }
     } else {
+      const T* k_block = gmem_k + n0 * p.k_stride.row;  // dense
+      const T* v_block = gmem_v + n0 * p.v_stride.row;
 #pragma unroll
       for (int i = 0; i < Tr::kCopies; ++i) {
         const int idx = lane + 32 * i;
         const int r = idx / kChunks, chunk = idx % kChunks;
-        const bool row_ok = r < rows_left && key_ok(n0 + r);
-        const bool k_ok = row_ok && chunk < qk_chunks, v_ok = row_ok && chunk < v_chunks;
+        const bool row_ok = r < rows_left;
+        const T* k_src = nullptr;
+        const T* v_src = nullptr;
+        if constexpr (kPaged) {
+          k_src = row_ok ? k_row(n0 + r) : nullptr;
+          v_src = row_ok ? v_row(n0 + r) : nullptr;
+        } else {
+          k_src = k_block + r * p.k_stride.row;
+          v_src = v_block + r * p.v_stride.row;
+        }
+        const bool k_ok = row_ok && chunk < qk_chunks && (!kPaged || k_src);
+        const bool v_ok = row_ok && chunk < v_chunks && (!kPaged || v_src);
         const uint32_t d = (r * kPitch + chunk * 8) * sizeof(T);
         decode_detail::cp_async_16_stream<Tr::kPrefetchBytes>(
-            smem_k + d, k_ok ? static_cast<const void*>(k_row(n0 + r) + chunk * 8) : p.k, k_ok);
+            smem_k + d, k_ok ? static_cast<const void*>(k_src + chunk * 8) : p.k, k_ok);
         decode_detail::cp_async_16_stream<Tr::kPrefetchBytes>(
-            smem_v + d, v_ok ? static_cast<const void*>(v_row(n0 + r) + chunk * 8) : p.v, v_ok);
+            smem_v + d, v_ok ? static_cast<const void*>(v_src + chunk * 8) : p.v, v_ok);
       }
     }
   };

@@ -20,16 +20,16 @@ namespace flashattn::cuda::sm80 {
 template <typename Tr>
 constexpr int64_t kDecodeMinKeysPerSplit = 4 * Tr::kKeysPerRound;
 
-template <typename Tr, bool kScoreMod>
+template <typename Tr, bool kScoreMod, bool kPaged>
 struct DecodeKernel {
-  static constexpr auto kernel = flash_decode_kernel<Tr, kScoreMod>;
+  static constexpr auto kernel = flash_decode_kernel<Tr, kScoreMod, kPaged>;
 
   static const std::string& name() {
     static const std::string n = [] {
-      char buf[160];
-      std::snprintf(buf, sizeof buf, "flash_decode_sm80<hdim %d, %s, %d warps, %d stages, L2 fetch %d%s>",
+      char buf[176];
+      std::snprintf(buf, sizeof buf, "flash_decode_sm80<hdim %d, %s, %d warps, %d stages, L2 fetch %d%s%s>",
                     Tr::kHeadDim, std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kWarps,
-                    Tr::kStages, Tr::kPrefetchBytes, kScoreMod ? ", softcap/alibi" : "");
+                    Tr::kStages, Tr::kPrefetchBytes, kScoreMod ? ", softcap/alibi" : "", kPaged ? ", paged" : "");
       return std::string(buf);
     }();
     return n;
@@ -84,10 +84,11 @@ struct DecodeKernel {
 template <int kHeadDim, typename T>
 void run_decode(const AttnParams& p, int device, cudaStream_t stream) {
   using Tr = DecodeTraits<kHeadDim, T>;
-  if (p.softcap > 0 || p.alibi_slopes)
-    DecodeKernel<Tr, true>::run(p, device, stream);
+  const bool mod = p.softcap > 0 || p.alibi_slopes;
+  if (p.page_table)
+    mod ? DecodeKernel<Tr, true, true>::run(p, device, stream) : DecodeKernel<Tr, false, true>::run(p, device, stream);
   else
-    DecodeKernel<Tr, false>::run(p, device, stream);
+    mod ? DecodeKernel<Tr, true, false>::run(p, device, stream) : DecodeKernel<Tr, false, false>::run(p, device, stream);
 }
 
 }  // namespace flashattn::cuda::sm80

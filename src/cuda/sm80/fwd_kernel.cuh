@@ -152,7 +152,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 // kScoreMod: softcap and/or ALiBi present. A separate instantiation keeps their code (tanh,
 // per-element distances) out of the plain kernel's loop and register allocation; kSplit likewise
 // keeps the split bookkeeping out of the plain kernel.
-template <typename Tr, bool kScoreMod, bool kSplit = false>
+// kPaged: K/V rows through the page table (a paged KV cache), likewise its own instantiation (a
+// run-time switch in the load path cost up to 30% on the H100: bench/results/
+// 2026-12-06-h100-session4-df3fd27.md).
+template <typename Tr, bool kScoreMod, bool kSplit = false, bool kPaged = false>
 __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_constant__ AttnParams p,
                                                                   const FwdArgs args,
                                                                   const __grid_constant__ FwdSplitArgs split_args) {
@@ -230,16 +233,15 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   // A KV cache's rows: dense ones one row stride apart from the sequence's first key; paged ones
   // each through the page table (AttnParams::kv_row_offset). Rows outside the cache (trusted
   // device-side indices gone wrong) read as zeros instead of outside memory.
-  const bool paged = p.page_table != nullptr;
-  const bool cache_row_ok = paged || p.kv_row_in_cache(b, 0);
-  const T* gmem_k = static_cast<const T*>(p.k) + (paged || !cache_row_ok ? 0 : p.k_offset(b, 0, hk));
-  const T* gmem_v = static_cast<const T*>(p.v) + (paged || !cache_row_ok ? 0 : p.v_offset(b, 0, hk));
+  const bool cache_row_ok = kPaged || p.kv_row_in_cache(b, 0);
+  const T* gmem_k = static_cast<const T*>(p.k) + (kPaged || !cache_row_ok ? 0 : p.k_offset(b, 0, hk));
+  const T* gmem_v = static_cast<const T*>(p.v) + (kPaged || !cache_row_ok ? 0 : p.v_offset(b, 0, hk));
   const int64_t keys_readable = cache_row_ok ? len_k : 0;
   const int qk_chunks = p.head_dim / 8;
 
   auto load_k = [&](int n_block, int stage) {
     const int64_t n0 = int64_t(n_block) * kBlockN;
-    if (paged) {
+    if constexpr (kPaged) {
       const auto row_at = [&](int r) -> const T* {
         return p.kv_row_in_cache(b, n0 + r) ? static_cast<const T*>(p.k) + p.k_offset(b, n0 + r, hk) : nullptr;
       };
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const __grid_co
   };
   auto load_v = [&](int n_block, int stage) {
     const int64_t n0 = int64_t(n_block) * kBlockN;
-    if (paged) {
+    if constexpr (kPaged) {
       const auto row_at = [&](int r) -> const T* {
         return p.kv_row_in_cache(b, n0 + r) ? static_cast<const T*>(p.v) + p.v_offset(b, n0 + r, hk) : nullptr;
       };

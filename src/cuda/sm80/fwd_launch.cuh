@@ -23,17 +23,17 @@ constexpr const char* element_name() {
   return std::is_same_v<T, __half> ? "fp16" : "bf16";
 }
 
-template <typename Tr, bool kScoreMod, bool kSplit>
+template <typename Tr, bool kScoreMod, bool kSplit, bool kPaged>
 void launch_fwd(const AttnParams& p, const FwdArgs& args, const FwdSplitArgs& split_args, int64_t blocks, int device,
                 cudaStream_t stream) {
   static const std::string name = [] {
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "flash_fwd_sm80<hdim %d, %s, %dx%d, %d warps%s%s>", Tr::kHeadDim,
+    char buf[176];
+    std::snprintf(buf, sizeof buf, "flash_fwd_sm80<hdim %d, %s, %dx%d, %d warps%s%s%s>", Tr::kHeadDim,
                   element_name<typename Tr::Element>(), Tr::kBlockM, Tr::kBlockN, Tr::kWarps,
-                  kScoreMod ? ", softcap/alibi" : "", kSplit ? ", split-KV" : "");
+                  kScoreMod ? ", softcap/alibi" : "", kSplit ? ", split-KV" : "", kPaged ? ", paged" : "");
     return std::string(buf);
   }();
-  auto kernel = flash_fwd_kernel<Tr, kScoreMod, kSplit>;
+  auto kernel = flash_fwd_kernel<Tr, kScoreMod, kSplit, kPaged>;
   // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
   static std::atomic<uint64_t> smem_ready{0};
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
@@ -52,10 +52,13 @@ void launch_fwd(const AttnParams& p, const FwdArgs& args, const FwdSplitArgs& sp
 template <typename Tr, bool kSplit>
 void launch_fwd_mod(const AttnParams& p, const FwdArgs& args, const FwdSplitArgs& split_args, int64_t blocks,
                     int device, cudaStream_t stream) {
-  if (p.softcap > 0 || p.alibi_slopes)
-    launch_fwd<Tr, true, kSplit>(p, args, split_args, blocks, device, stream);
+  const bool mod = p.softcap > 0 || p.alibi_slopes;
+  if (p.page_table)
+    mod ? launch_fwd<Tr, true, kSplit, true>(p, args, split_args, blocks, device, stream)
+        : launch_fwd<Tr, false, kSplit, true>(p, args, split_args, blocks, device, stream);
   else
-    launch_fwd<Tr, false, kSplit>(p, args, split_args, blocks, device, stream);
+    mod ? launch_fwd<Tr, true, kSplit, false>(p, args, split_args, blocks, device, stream)
+        : launch_fwd<Tr, false, kSplit, false>(p, args, split_args, blocks, device, stream);
 }
 
 // Resident CTAs per SM of the main kernel: its smem and 255-register threads allow at most this
