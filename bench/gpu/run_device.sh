@@ -5,6 +5,8 @@
 #   bash bench/gpu/run_device.sh bench [DIR]    forward / backward / decode vs PyTorch SDPA (flash, cuDNN),
 #                                              interleaved per shape; a baseline commit beside ours
 #   bash bench/gpu/run_device.sh profile [DIR]  ncu of the forward and backward main kernels
+#   modes combine: tests,bench,overhead,context_parallel (GPU tests only; the Python call overhead;
+#   ring attention on one GPU against plain attention)
 # DIR (default build-carry/) holds what bench/gpu/pack_carry.sh put there: flashattn_cuda_tests,
 # flashattn-gpu-bench, flashattn-bench, lib.tar.xz (the shared libraries they need: OpenBLAS for
 # the oracle) and COMMIT; optionally base-src.tar.gz (git archive of a baseline commit), which
@@ -34,11 +36,15 @@ CMAKE_HOST=(-DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bi
   echo "binaries built from commit $(cat "$DIR/COMMIT" 2>/dev/null || echo unknown)"; } > "$OUT/env-$MODE.txt" 2>&1
 cat "$OUT/env-$MODE.txt"
 
-check() {
+tests() {
   echo "== GPU tests (all)"
   timeout 240 "$TESTS" > "$OUT/tests.log" 2>&1
   echo "tests exit code $?"
   grep -E "^\[  (PASSED|FAILED) |^\[  SKIPPED \] [0-9]| tests ran" "$OUT/tests.log" | tail -25
+}
+
+check() {
+  tests
 
   echo "== the backward grid again on the sm80 kernel (FLASHATTN_CUDA_BACKWARD=sm80; 8 shards)"
   for i in 0 1 2 3 4 5 6 7; do
@@ -69,25 +75,45 @@ check() {
 
   [[ ${SKIP_PYTHON:-0} == 1 ]] && { echo "== Python package skipped (SKIP_PYTHON=1)"; return; }
   echo "== Python package: build + install with CUDA, drop-in script, overhead, pytest"
-  # The image's default compiler links libstdc++ statically, and the extension then crashes while
-  # building a flashattn::Error message: build with the system compiler.
-  export FLASHATTN_CUDA=ON CMAKE_ARGS="-DFLASHATTN_CUDA_ARCHS=90a" CXX=/usr/bin/g++ CC=/usr/bin/gcc \
-         CUDAHOSTCXX=/usr/bin/g++ CMAKE_BUILD_PARALLEL_LEVEL=16
-  local start=$SECONDS
-  if ! python3 -m pip install --no-build-isolation --no-deps --disable-pip-version-check . > "$OUT/pip.log" 2>&1; then
-    tail -40 "$OUT/pip.log"
-    echo "Python package build FAILED"
-    return
-  fi
-  echo "build + install: $((SECONDS - start)) s"
+  python_package || return
   (cd tests/python && timeout 60 python3 test_dropin.py) 2>&1 | tail -5
-  (cd /tmp && timeout 90 python3 "$ROOT/python/examples/overhead.py") 2>&1 | tail -16
-  start=$SECONDS
+  overhead
+  local start=$SECONDS
   (cd /tmp && OMP_NUM_THREADS=2 FLASHATTN_EXPLAIN_LOG="$OUT/explain.txt" timeout 300 python3 -m pytest \
      "$ROOT/tests/python" -q -p no:cacheprovider -n 8 -rs 2>&1 | grep -v '^\[transformers\]' > "$OUT/pytest.txt")
   echo "pytest in $((SECONDS - start)) s"
   tail -25 "$OUT/pytest.txt"
   grep -E "Graph Count|Graph Break Count" "$OUT/explain.txt" 2>/dev/null | sort | uniq -c
+}
+
+# The Python package with CUDA, installed into the image's python3 (once per machine).
+python_package() {
+  python3 -c "import flashattn, sys; sys.exit(0 if flashattn.cuda_available() else 1)" 2>/dev/null && return 0
+  # The image's default compiler links libstdc++ statically, and the extension then crashes while
+  # building a flashattn::Error message: build with the system compiler.
+  local start=$SECONDS
+  if ! FLASHATTN_CUDA=ON CMAKE_ARGS="-DFLASHATTN_CUDA_ARCHS=90a" CXX=/usr/bin/g++ CC=/usr/bin/gcc \
+       CUDAHOSTCXX=/usr/bin/g++ CMAKE_BUILD_PARALLEL_LEVEL=16 \
+       python3 -m pip install --no-build-isolation --no-deps --disable-pip-version-check . > "$OUT/pip.log" 2>&1; then
+    tail -40 "$OUT/pip.log"
+    echo "Python package build FAILED"
+    return 1
+  fi
+  echo "build + install: $((SECONDS - start)) s"
+}
+
+# Python's host time per call over the C++ launch (batch 1, one query, 4k keys).
+overhead() {
+  (cd /tmp && timeout 90 python3 "$ROOT/python/examples/overhead.py") 2>&1 | tee "$OUT/overhead.txt" | tail -16
+}
+
+# Ring attention on one GPU against plain attention (a 1-rank group; one rank of a simulated
+# 8-rank ring), through the Python package.
+context_parallel() {
+  python_package || return
+  echo "== context parallelism on one GPU"
+  timeout 240 python3 bench/gpu/bench_context_parallel.py --modes 1rank sim --seqlens ${CP_SEQLENS:-16384 65536} \
+    --json "$OUT/context-parallel.json" 2>&1 | tail -20
 }
 
 # The baseline commit's flashattn-gpu-bench, built here from DIR/base-src.tar.gz (sets BASE_ARGS).
@@ -143,9 +169,15 @@ profile() {
   done
 }
 
-case $MODE in
-  check) check ;;
-  bench) bench ;;
-  profile) profile ;;
-  *) echo "usage: run_device.sh check|bench|profile [DIR]"; exit 2 ;;
-esac
+# MODE: one or more of check, tests, bench, profile, overhead, context_parallel (comma-separated).
+for mode in ${MODE//,/ }; do
+  case $mode in
+    check) check ;;
+    tests) tests ;;
+    bench) bench ;;
+    profile) profile ;;
+    overhead) python_package && overhead ;;
+    context_parallel) context_parallel ;;
+    *) echo "usage: run_device.sh check|tests|bench|profile|overhead|context_parallel[,...] [DIR]"; exit 2 ;;
+  esac
+done
