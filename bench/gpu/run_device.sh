@@ -33,8 +33,8 @@ CMAKE_HOST=(-DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bi
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
   nvcc --version | tail -1
   python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
-  echo "binaries built from commit $(cat "$DIR/COMMIT" 2>/dev/null || echo unknown)"; } > "$OUT/env-$MODE.txt" 2>&1
-cat "$OUT/env-$MODE.txt"
+  echo "binaries built from commit $(cat "$DIR/COMMIT" 2>/dev/null || echo unknown)"; } > "$OUT/env-${MODE//,/-}.txt" 2>&1
+cat "$OUT/env-${MODE//,/-}.txt"
 
 tests() {
   echo "== GPU tests (all)"
