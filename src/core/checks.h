@@ -28,6 +28,11 @@ void check_compute_dtype(const Tensor& q, Device device);
 // An int32 (length) vector of per-sequence values, contiguous, on `device`.
 void check_index_vector(const Tensor& t, const char* name, int64_t length, Device device, const char* what);
 void check_options(const Options& o, AttnParams& p);
+// Heads and head dims into p: q's from its dims o + 2, o + 3; k's and v's from theirs at ko + 2,
+// ko + 3 (k_name / v_name: which arguments they are). GQA needs heads_k to divide heads; head dims
+// lie in [1, kMaxHeadDim]; k's head dim is q's.
+void set_heads(AttnParams& p, const Tensor& q, int o, const Tensor& k, const char* k_name, const Tensor& v,
+               const char* v_name, int ko);
 // The value checks of cu_seqlens and seqused_k (host memory): the CPU validation runs them on the
 // tensors, FLASHATTN_CHECK_LENGTHS on host copies of CUDA ones.
 void check_cu_seqlens_values(const int32_t* cu, const char* name, int batch, int64_t total_rows, int max_seqlen,

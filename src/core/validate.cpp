@@ -206,6 +206,24 @@ void check_alibi(const Options& o, AttnParams& p) {
   p.alibi_slopes = static_cast<const float*>(a.data);
 }
 
+void set_heads(AttnParams& p, const Tensor& q, int o, const Tensor& k, const char* k_name, const Tensor& v,
+               const char* v_name, int ko) {
+  p.heads = int_size(q.shape[o + 2], "q", "a head count");
+  p.head_dim = int_size(q.shape[o + 3], "q", "a head_dim");
+  p.heads_k = int_size(k.shape[ko + 2], k_name, "a head count");
+  p.head_dim_v = int_size(v.shape[ko + 3], v_name, "a head_dim_v");
+  if (p.heads < 1) throw Error("q", "at least one head", q.shape_string());
+  if (p.heads_k < 1) throw Error(k_name, "at least one head", k.shape_string());
+  if (p.heads % p.heads_k != 0)
+    throw Error(k_name, "a head count dividing the " + str(p.heads) + " query heads (GQA/MQA)", str(p.heads_k));
+  if (p.head_dim < 1 || p.head_dim > kMaxHeadDim)
+    throw Error("q", "head_dim between 1 and " + str(kMaxHeadDim), str(p.head_dim));
+  if (p.head_dim_v < 1 || p.head_dim_v > kMaxHeadDim)
+    throw Error(v_name, "head_dim_v between 1 and " + str(kMaxHeadDim), str(p.head_dim_v));
+  if (k.shape[ko + 3] != p.head_dim)
+    throw Error(k_name, "head_dim " + str(p.head_dim) + " (that of q)", k.shape_string());
+}
+
 void check_options(const Options& o, AttnParams& p) {
   if (o.softmax_scale) {
     if (!std::isfinite(*o.softmax_scale))
@@ -316,20 +334,7 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
 
   const int o = varlen ? -1 : 0;  // dimension offset: varlen tensors have no batch dimension
   const int ko = paged ? 0 : o;   // a paged cache's leading dimension is its pages
-  p.heads = int_size(q.shape[o + 2], "q", "a head count");
-  p.head_dim = int_size(q.shape[o + 3], "q", "a head_dim");
-  p.heads_k = int_size(k.shape[ko + 2], "k", "a head count");
-  p.head_dim_v = int_size(v.shape[ko + 3], "v", "a head_dim_v");
-  if (p.heads < 1) throw Error("q", "at least one head", q.shape_string());
-  if (p.heads_k < 1) throw Error("k", "at least one head", k.shape_string());
-  if (p.heads % p.heads_k != 0)
-    throw Error("k", "a head count dividing the " + str(p.heads) + " query heads (GQA/MQA)", str(p.heads_k));
-  if (p.head_dim < 1 || p.head_dim > kMaxHeadDim)
-    throw Error("q", "head_dim between 1 and " + str(kMaxHeadDim), str(p.head_dim));
-  if (p.head_dim_v < 1 || p.head_dim_v > kMaxHeadDim)
-    throw Error("v", "head_dim_v between 1 and " + str(kMaxHeadDim), str(p.head_dim_v));
-  if (k.shape[ko + 3] != p.head_dim)
-    throw Error("k", "head_dim " + str(p.head_dim) + " (that of q)", k.shape_string());
+  set_heads(p, q, o, k, "k", v, "v", ko);
   if (v.shape[ko + 2] != p.heads_k)
     throw Error("v", str(p.heads_k) + " heads (those of k)", v.shape_string());
   if (v.shape[ko + 1] != k.shape[ko + 1])

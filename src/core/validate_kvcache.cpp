@@ -152,20 +152,7 @@ KVCacheParams check_kvcache(const Tensor& q, const Tensor& k_new, const Tensor& 
   check_last_contiguous(vc, "v_cache");
   p.batch = int_size(q.shape[0], "q", "a batch size");
   p.seqlen_q = q.shape[1];
-  p.heads = int_size(q.shape[2], "q", "a head count");
-  p.head_dim = int_size(q.shape[3], "q", "a head_dim");
-  p.heads_k = int_size(kc.shape[2], "k_cache", "a head count");
-  p.head_dim_v = int_size(vc.shape[3], "v_cache", "a head_dim_v");
-  if (p.heads < 1) throw Error("q", "at least one head", q.shape_string());
-  if (p.heads_k < 1) throw Error("k_cache", "at least one head", kc.shape_string());
-  if (p.heads % p.heads_k != 0)
-    throw Error("k_cache", "a head count dividing the " + str(p.heads) + " query heads (GQA/MQA)", str(p.heads_k));
-  if (p.head_dim < 1 || p.head_dim > kMaxHeadDim)
-    throw Error("q", "head_dim between 1 and " + str(kMaxHeadDim), str(p.head_dim));
-  if (p.head_dim_v < 1 || p.head_dim_v > kMaxHeadDim)
-    throw Error("v_cache", "head_dim_v between 1 and " + str(kMaxHeadDim), str(p.head_dim_v));
-  if (kc.shape[3] != p.head_dim)
-    throw Error("k_cache", "head_dim " + str(p.head_dim) + " (that of q)", kc.shape_string());
+  set_heads(p, q, 0, kc, "k_cache", vc, "v_cache", 0);
   if (vc.shape[0] != kc.shape[0] || vc.shape[1] != kc.shape[1] || vc.shape[2] != kc.shape[2])
     throw Error("v_cache", std::string("the first three dimensions of k_cache ") + kc.shape_string() + " " + vc_layout,
                 vc.shape_string());
