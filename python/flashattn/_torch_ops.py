@@ -516,7 +516,7 @@ def _run_kvcache_full(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
                                                        _seqused(cache_leftpad, "cache_leftpad"),
                                                        _seqused(page_table, "page_table"), rotary_cos, rotary_sin)),
                              rotary_interleaved, _eager_arg(alibi_slopes), _eager_arg(_fp32_sinks(sinks)),
-                             softmax_scale, causal, window_left, window_right, softcap, num_splits,
+                             softmax_scale, causal, window_left, window_right, softcap, False, num_splits,
                              None if _EXCHANGE_API else (_raw_stream(q.get_device()) if q.is_cuda else 0))
     return out, lse
 

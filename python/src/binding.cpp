@@ -15,6 +15,7 @@
 #include "dlpack_view.h"
 #include "eager_forward.h"
 #include "flashattn/flashattn.h"
+#include "options.h"
 
 namespace nb = nanobind;
 namespace fa = flashattn;
@@ -49,18 +50,9 @@ fa::Tensor lse_view(const std::optional<Array>& a) { return a ? view(*a, "lse") 
 fa::Options options(std::optional<float> softmax_scale, bool causal, int window_left, int window_right,
                     float softcap, const std::optional<Array>& alibi_slopes, bool deterministic,
                     int num_threads, int num_splits, uintptr_t stream) {
-  fa::Options o;
-  o.softmax_scale = softmax_scale;
-  o.causal = causal;
-  o.window_left = window_left;
-  o.window_right = window_right;
-  o.softcap = softcap;
-  o.alibi_slopes = view(alibi_slopes, "alibi_slopes");
-  o.deterministic = deterministic;
-  o.num_threads = num_threads;
-  o.num_splits = num_splits;
-  o.stream = reinterpret_cast<void*>(stream);
-  return o;
+  return flashattn_python::make_options(softmax_scale, causal, window_left, window_right, softcap,
+                                        view(alibi_slopes, "alibi_slopes"), deterministic, num_threads, num_splits,
+                                        reinterpret_cast<void*>(stream));
 }
 
 fa::VarlenLayout layout(const Array& cu_q, const Array& cu_k, int max_q, int max_k) {

@@ -12,6 +12,7 @@
 
 #include "dlpack_view.h"
 #include "flashattn/flashattn.h"
+#include "options.h"
 
 namespace nb = nanobind;
 namespace fa = flashattn;
@@ -164,17 +165,12 @@ int integer(PyObject* h, const char* name) {
 }
 
 // The option arguments softmax_scale, causal, window_left, window_right, softcap, deterministic,
-// num_splits (a[0..6]) of both entries below.
+// num_splits (a[0..6]) of every eager entry below: their one parser (the nanobind entries of
+// binding.cpp get the same values typed by nanobind and fill Options through its `options`).
 fa::Options eager_options(PyObject* const* a) {
-  fa::Options o;
-  if (a[0] != Py_None) o.softmax_scale = number(a[0]);
-  o.causal = truth(a[1]);
-  o.window_left = integer(a[2], "window_left");
-  o.window_right = integer(a[3], "window_right");
-  o.softcap = number(a[4]);
-  o.deterministic = truth(a[5]);
-  o.num_splits = integer(a[6], "num_splits");
-  return o;
+  return make_options(a[0] == Py_None ? std::nullopt : std::optional<float>(number(a[0])), truth(a[1]),
+                      integer(a[2], "window_left"), integer(a[3], "window_right"), number(a[4]), std::nullopt,
+                      truth(a[5]), 0, integer(a[6], "num_splits"), nullptr);
 }
 
 // The Python exception for the one being handled (call inside a catch block).
@@ -277,15 +273,15 @@ PyObject* forward_eager_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
 constexpr const char* kForwardKvcacheEagerDoc =
     "forward_kvcache_eager($module, q, k, v, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx, "
     "cache_leftpad, page_table, rotary_cos, rotary_sin, rotary_interleaved, alibi_slopes, sinks, softmax_scale, "
-    "causal, window_left, window_right, softcap, num_splits, stream, /)\n--\n\n"
+    "causal, window_left, window_right, softcap, deterministic, num_splits, stream, /)\n--\n\n"
     "forward_kvcache() for the torch path, positional arguments only (arrays as for forward_eager; every "
     "optional array may be None). The C++ library validates the whole call before it appends k/v into the "
     "cache: a rejected call writes nothing.";
 
 PyObject* forward_kvcache_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
-    if (nargs != 23) {
-      PyErr_Format(PyExc_TypeError, "forward_kvcache_eager() takes 23 positional arguments (%zd given)", nargs);
+    if (nargs != 24) {
+      PyErr_Format(PyExc_TypeError, "forward_kvcache_eager() takes 24 positional arguments (%zd given)", nargs);
       return nullptr;
     }
     auto optional = [&](int i, const char* name) -> std::optional<fa::Tensor> {
@@ -305,16 +301,10 @@ PyObject* forward_kvcache_eager(PyObject*, PyObject* const* args, Py_ssize_t nar
     cache.rotary_cos = optional(11, "rotary_cos");
     cache.rotary_sin = optional(12, "rotary_sin");
     cache.rotary_interleaved = truth(args[13]);
-    fa::Options o;
+    fa::Options o = eager_options(args + 16);
     o.alibi_slopes = optional(14, "alibi_slopes");
     o.sinks = optional(15, "sinks");
-    if (args[16] != Py_None) o.softmax_scale = number(args[16]);
-    o.causal = truth(args[17]);
-    o.window_left = integer(args[18], "window_left");
-    o.window_right = integer(args[19], "window_right");
-    o.softcap = number(args[20]);
-    o.num_splits = integer(args[21], "num_splits");
-    o.stream = stream_argument(args[22], args[0], tq);
+    o.stream = stream_argument(args[23], args[0], tq);
     nb::gil_scoped_release release;
     fa::forward_kvcache(tq, tk, tv, cache, to, tl, o);
   } catch (...) {
