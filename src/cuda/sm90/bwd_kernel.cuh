@@ -37,6 +37,7 @@
 #include "core/params.h"
 #include "cuda/common/ptx.h"
 #include "cuda/common/bwd_workspace.cuh"
+#include "cuda/sm90/fragment.h"
 #include "cuda/sm90/bwd_traits.h"
 #include "core/mask.h"
 #include "cuda/sm90/ptx.h"
@@ -330,7 +331,7 @@ struct BwdConsumer {
       for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          float& x = s[4 * i + 2 * hh + e];
+          float& x = s[acc_at(i, hh, e)];
           x = ptx::exp2_approx(fmaf(x, kp.args.scale_log2, -(e ? l.y : l.x)));
           if (need_mask) {
             const int offset = key + 8 * hh - (m0 + c + e);
@@ -359,7 +360,7 @@ struct BwdConsumer {
       for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int idx = 4 * i + 2 * hh + e;
+          const int idx = acc_at(i, hh, e);
           const int offset = key + 8 * hh - (m0 + c + e);  // key - query
           float dscore;
           const float x = mod.apply(s[idx] * kp.p.scale, m0 + c + e, key + 8 * hh, kp.mask, dscore);
@@ -379,8 +380,8 @@ struct BwdConsumer {
       const float2 d = *reinterpret_cast<const float2*>(delta + 8 * i + 2 * t());
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        dp[4 * i + 2 * hh] = p[4 * i + 2 * hh] * (dp[4 * i + 2 * hh] - d.x);
-        dp[4 * i + 2 * hh + 1] = p[4 * i + 2 * hh + 1] * (dp[4 * i + 2 * hh + 1] - d.y);
+        dp[acc_at(i, hh)] = p[acc_at(i, hh)] * (dp[acc_at(i, hh)] - d.x);
+        dp[acc_at(i, hh, 1)] = p[acc_at(i, hh, 1)] * (dp[acc_at(i, hh, 1)] - d.y);
       }
     }
   }
@@ -423,8 +424,8 @@ struct BwdConsumer {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         float* addr = acc + hh * 8 * kHeadDim + 8 * i;
-        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(dq[4 * i + 2 * hh]),
-                     "f"(dq[4 * i + 2 * hh + 1])
+        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(dq[acc_at(i, hh)]),
+                     "f"(dq[acc_at(i, hh, 1)])
                      : "memory");
       }
   }
@@ -442,9 +443,9 @@ struct BwdConsumer {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const uint32_t offset = (i / 8) * Tr::kKChunkBytes + hh * 8 * Tr::kRowBytes + (((i % 8) ^ g()) * 16);
-        ptx::st_shared_u32(k_row + offset, ptx::pack2<T>(dk[4 * i + 2 * hh] * scale,
-                                                                           dk[4 * i + 2 * hh + 1] * scale));
-        ptx::st_shared_u32(v_row + offset, ptx::pack2<T>(dv[4 * i + 2 * hh], dv[4 * i + 2 * hh + 1]));
+        ptx::st_shared_u32(k_row + offset, ptx::pack2<T>(dk[acc_at(i, hh)] * scale,
+                                                                           dk[acc_at(i, hh, 1)] * scale));
+        ptx::st_shared_u32(v_row + offset, ptx::pack2<T>(dv[acc_at(i, hh)], dv[acc_at(i, hh, 1)]));
       }
     ptx::fence_proxy_async_smem();
     ptx::named_barrier_sync(kBwdBarrierStore0 + wg, 128);

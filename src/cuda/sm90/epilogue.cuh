@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
+#include "cuda/sm90/fragment.h"
 #include "cuda/sm90/fwd_params.h"
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/smem.cuh"
@@ -54,8 +55,8 @@ __device__ __forceinline__ void store_o(const FwdParams& p, const SmemView<Tr>& 
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const uint32_t addr = row_addr + (i / 8) * Tr::kQChunkBytes + hh * 8 * Tr::kRowBytes + (((i % 8) ^ g) * 16);
-      ptx::st_shared_u32(addr, ptx::pack2<T>(o[4 * i + 2 * hh] * inv[hh],
-                                                              o[4 * i + 2 * hh + 1] * inv[hh]));
+      ptx::st_shared_u32(addr, ptx::pack2<T>(o[acc_at(i, hh)] * inv[hh],
+                                                              o[acc_at(i, hh, 1)] * inv[hh]));
     }
   ptx::fence_proxy_async_smem();  // our st.shared -> the TMA engine's reads
   ptx::named_barrier_sync(kBarrierEpilogue0 + wg, 128);

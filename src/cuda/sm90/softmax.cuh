@@ -1,9 +1,9 @@
 // Online softmax on a wgmma accumulator fragment, in registers.
 //
 // A thread holds two rows of the warpgroup's 64 (g and g + 8 of its warp's 16, lane = 4g + t):
-// element 4i + 2hh + e of a fragment is row g + 8hh, column 8i + 2t + e. The four threads of a
-// row (t = 0..3) combine their maxima with two shuffles; the row sums stay per-thread partials
-// until the epilogue.
+// element acc_at(i, hh, e) of a fragment is row g + 8hh, column 8i + 2t + e (fragment.h). The four
+// threads of a row (t = 0..3) combine their maxima with two shuffles; the row sums stay per-thread
+// partials until the epilogue.
 //
 // Scores live in the log2 domain with the softmax scale folded into the exponent:
 //   P = exp2(S * scale_log2 - m),  m = running max of S * scale_log2  (scale_log2 > 0)
@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
+#include "cuda/sm90/fragment.h"
 #include "cuda/sm90/fwd_params.h"
 #include "cuda/sm90/gemms.cuh"
 
@@ -48,7 +49,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 2], const FwdPa
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * i + 2 * t + e;
-        if (j < begin || j >= end) s[4 * i + 2 * hh + e] = neg_inf();
+        if (j < begin || j >= end) s[acc_at(i, hh, e)] = neg_inf();
       }
   }
 }
@@ -75,7 +76,7 @@ struct OnlineSoftmax {
     for (int hh = 0; hh < 2; ++hh) {
       float mx = neg_inf();
 #pragma unroll
-      for (int i = 0; i < kBlockN / 8; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * hh], s[4 * i + 2 * hh + 1]));
+      for (int i = 0; i < kBlockN / 8; ++i) mx = fmaxf(mx, fmaxf(s[acc_at(i, hh)], s[acc_at(i, hh, 1)]));
       mx = quad_max(mx) * scale_log2;  // -inf * scale = -inf
       // Lazy: keep the running max unless the block raises it by more than kRescaleSlack. Then
       // P <= 2^kRescaleSlack (bf16 and fp32 hold it with the same relative precision) and O, l
@@ -93,7 +94,7 @@ struct OnlineSoftmax {
       for (int i = 0; i < kBlockN / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float& x = s[4 * i + 2 * hh + e];
+          float& x = s[acc_at(i, hh, e)];
           x = ptx::exp2_approx(fmaf(x, scale_log2, -m_use));
           sum += x;
         }
@@ -112,8 +113,8 @@ __device__ __forceinline__ void rescale_o(float (&o)[kHeadDim / 2], const float 
   for (int i = 0; i < kHeadDim / 8; ++i)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      o[4 * i + 2 * hh] *= alpha[hh];
-      o[4 * i + 2 * hh + 1] *= alpha[hh];
+      o[acc_at(i, hh)] *= alpha[hh];
+      o[acc_at(i, hh, 1)] *= alpha[hh];
     }
 }
 
