@@ -28,6 +28,16 @@ void check_compute_dtype(const Tensor& q, Device device);
 // An int32 (length) vector of per-sequence values, contiguous, on `device`.
 void check_index_vector(const Tensor& t, const char* name, int64_t length, Device device, const char* what);
 void check_options(const Options& o, AttnParams& p);
+// q, k, v (or q and the caches) as every attention call takes them: defined, q of a dtype the
+// device computes in, each of the rank given, k and v of q's dtype and device, rows contiguous.
+// Sets p.device and p.dtype from q.
+struct Operand {
+  const Tensor& tensor;
+  const char* name;
+  int rank;
+  const char* layout;
+};
+void check_operands(AttnParams& p, Operand q, Operand k, Operand v);
 // Heads and head dims into p: q's from its dims o + 2, o + 3; k's and v's from theirs at ko + 2,
 // ko + 3 (k_name / v_name: which arguments they are). GQA needs heads_k to divide heads; head dims
 // lie in [1, kMaxHeadDim]; k's head dim is q's.

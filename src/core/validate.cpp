@@ -206,6 +206,17 @@ void check_alibi(const Options& o, AttnParams& p) {
   p.alibi_slopes = static_cast<const float*>(a.data);
 }
 
+void check_operands(AttnParams& p, Operand q, Operand k, Operand v) {
+  for (const Operand& x : {q, k, v}) check_defined(x.tensor, x.name);
+  p.device = q.tensor.device;
+  p.dtype = q.tensor.dtype;
+  check_compute_dtype(q.tensor, p.device);
+  for (const Operand& x : {q, k, v}) check_rank(x.tensor, x.name, x.rank, x.layout);
+  for (const Operand& x : {k, v}) check_dtype(x.tensor, x.name, p.dtype, "(the dtype of q)");
+  for (const Operand& x : {k, v}) check_device(x.tensor, x.name, p.device);
+  for (const Operand& x : {q, k, v}) check_last_contiguous(x.tensor, x.name);
+}
+
 void set_heads(AttnParams& p, const Tensor& q, int o, const Tensor& k, const char* k_name, const Tensor& v,
                const char* v_name, int ko) {
   p.heads = int_size(q.shape[o + 2], "q", "a head count");
@@ -314,23 +325,9 @@ AttnParams check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const
   const char* v_layout = paged    ? "(num_pages, page_size, heads_k, head_dim_v) (a paged cache)"
                          : varlen ? "(total_k, heads_k, head_dim_v)"
                                   : "(batch, seqlen_k, heads_k, head_dim_v)";
-  check_defined(q, "q");
-  check_defined(k, "k");
-  check_defined(v, "v");
   AttnParams p;
-  p.device = q.device;
-  p.dtype = q.dtype;
-  check_compute_dtype(q, p.device);
-  check_rank(q, "q", varlen ? 3 : 4, q_layout);
-  check_rank(k, "k", varlen && !paged ? 3 : 4, k_layout);
-  check_rank(v, "v", varlen && !paged ? 3 : 4, v_layout);
-  check_dtype(k, "k", q.dtype, "(the dtype of q)");
-  check_dtype(v, "v", q.dtype, "(the dtype of q)");
-  check_device(k, "k", p.device);
-  check_device(v, "v", p.device);
-  check_last_contiguous(q, "q");
-  check_last_contiguous(k, "k");
-  check_last_contiguous(v, "v");
+  const int kv_rank = varlen && !paged ? 3 : 4;
+  check_operands(p, {q, "q", varlen ? 3 : 4, q_layout}, {k, "k", kv_rank, k_layout}, {v, "v", kv_rank, v_layout});
 
   const int o = varlen ? -1 : 0;  // dimension offset: varlen tensors have no batch dimension
   const int ko = paged ? 0 : o;   // a paged cache's leading dimension is its pages

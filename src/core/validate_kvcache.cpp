@@ -134,22 +134,8 @@ KVCacheParams check_kvcache(const Tensor& q, const Tensor& k_new, const Tensor& 
   const Tensor& vc = cache.v_cache;
   const char* kc_layout = paged ? "(num_pages, page_size, heads_k, head_dim)" : "(batch_cache, capacity, heads_k, head_dim)";
   const char* vc_layout = paged ? "(num_pages, page_size, heads_k, head_dim_v)" : "(batch_cache, capacity, heads_k, head_dim_v)";
-  check_defined(q, "q");
-  check_defined(kc, "k_cache");
-  check_defined(vc, "v_cache");
-  p.device = q.device;
-  p.dtype = q.dtype;
-  check_compute_dtype(q, p.device);
-  check_rank(q, "q", 4, "(batch, seqlen_q, heads, head_dim)");
-  check_rank(kc, "k_cache", 4, kc_layout);
-  check_rank(vc, "v_cache", 4, vc_layout);
-  check_dtype(kc, "k_cache", q.dtype, "(the dtype of q)");
-  check_dtype(vc, "v_cache", q.dtype, "(the dtype of q)");
-  check_device(kc, "k_cache", p.device);
-  check_device(vc, "v_cache", p.device);
-  check_last_contiguous(q, "q");
-  check_last_contiguous(kc, "k_cache");
-  check_last_contiguous(vc, "v_cache");
+  check_operands(p, {q, "q", 4, "(batch, seqlen_q, heads, head_dim)"}, {kc, "k_cache", 4, kc_layout},
+                 {vc, "v_cache", 4, vc_layout});
   p.batch = int_size(q.shape[0], "q", "a batch size");
   p.seqlen_q = q.shape[1];
   set_heads(p, q, 0, kc, "k_cache", vc, "v_cache", 0);
