@@ -2,6 +2,7 @@
 //
 //   flashattn-gpu-bench [--warmup 5] [--iters 20] [--dtype bf16|fp16] [--read-bandwidth MiB]
 //                       [--rotate-kv] [--backward [--deterministic]] [--softcap C]
+//                       [--window LEFT[,RIGHT]] [--alibi] [--docs L1,L2,...]
 //                       --case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] [--case ...]
 //
 // Each case is (batch, seqlen_k, heads, head_dim, causal 0/1), optionally kv heads HK (0 or absent:
@@ -18,6 +19,11 @@
 // --backward: runs the forward once for out/lse, then times flashattn::backward alone (workspace
 // allocation, preprocess, main kernel, postprocess); FLOPs count 2.5 times the forward's and the
 // JSON says "pass":"bwd".
+// --window LEFT[,RIGHT]: a sliding window (RIGHT defaults to 0 under causal, else unbounded).
+// --alibi: ALiBi with the usual geometric slopes 2^(-8 (h + 1) / heads).
+// --docs L1,L2,...: every case becomes one varlen batch of these documents (packed (total, heads,
+// d) tensors, cu_seqlens on the device; the case's B and S are ignored) and FLOPs are summed per
+// document. With a window, FLOPs count only the (query, key) pairs the mask lets through.
 // --rotate-kv: when a case's K/V is not several times the L2 size, copies of it are rotated so that
 // every call reads its K/V from HBM (decoding: what a real step does).
 // --read-bandwidth N: first times a plain streaming read of N MiB (16-byte loads, nothing stored
@@ -26,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -33,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "core/mask.h"
 #include "core/validate.h"
 #include "cuda/backend.h"
 #include "flashattn/flashattn.h"
@@ -94,6 +102,14 @@ struct Case {
   int heads_k = 0, seqlen_q = 0, num_splits = 0;
 };
 
+// The (query, key) pairs a mask lets through, row by row.
+double visible_pairs(int64_t seqlen_q, int64_t seqlen_k, int64_t window_left, int64_t window_right) {
+  const flashattn::Mask mask = flashattn::Mask::make(seqlen_q, seqlen_k, window_left, window_right);
+  double pairs = 0;
+  for (int64_t i = 0; i < seqlen_q; ++i) pairs += double(std::max<int64_t>(0, mask.key_end(i) - mask.key_begin(i)));
+  return pairs;
+}
+
 template <typename T>
 float median_of(std::vector<T> v) {
   std::sort(v.begin(), v.end());
@@ -108,6 +124,9 @@ int main(int argc, char** argv) {
   bool rotate_kv = false;
   bool backward = false, deterministic = false;
   float softcap = 0.0f;  // > 0: the tanh softcap on every score (flash_attn's softcap)
+  int window_left = -1, window_right = -2;  // -2: 0 under causal, else unbounded
+  bool alibi = false;
+  std::vector<int> docs;  // non-empty: each case is one varlen batch of these documents
   flashattn::DType dtype = flashattn::DType::bf16;
   std::vector<Case> cases;
   for (int i = 1; i < argc; ++i) {
@@ -124,6 +143,20 @@ int main(int argc, char** argv) {
     else if (a == "--backward") backward = true;
     else if (a == "--deterministic") deterministic = true;
     else if (a == "--softcap") softcap = std::stof(next());
+    else if (a == "--window") {
+      if (std::sscanf(next().c_str(), "%d,%d", &window_left, &window_right) < 1) {
+        std::fprintf(stderr, "--window wants LEFT[,RIGHT]\n");
+        return 2;
+      }
+    } else if (a == "--alibi") alibi = true;
+    else if (a == "--docs") {
+      const std::string list = next();
+      for (size_t pos = 0; pos < list.size();) {
+        const size_t comma = std::min(list.find(',', pos), list.size());
+        docs.push_back(std::stoi(list.substr(pos, comma - pos)));
+        pos = comma + 1;
+      }
+    }
     else if (a == "--case") {
       Case c{};
       int causal = 0;
@@ -140,7 +173,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--warmup N] [--iters N] [--dtype bf16|fp16] [--read-bandwidth MiB] [--rotate-kv] "
-                   "[--backward [--deterministic]] [--softcap C] "
+                   "[--backward [--deterministic]] [--softcap C] [--window LEFT[,RIGHT]] [--alibi] [--docs L1,..] "
                    "--case B,S,H,D,CAUSAL[,HK[,SQ[,SPLITS]]] ...\n",
                    argv[0]);
       return 2;
@@ -187,18 +220,39 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
     l2_bytes = l2;
   }
-  for (const Case& c : cases) {
-    const int64_t nq = int64_t(c.batch) * c.seqlen_q * c.heads * c.head_dim;
-    const int64_t nkv = int64_t(c.batch) * c.seqlen * c.heads_k * c.head_dim;
+  for (Case c : cases) {
+    // Varlen: the documents are the batch; rows are counted over all of them.
+    const bool varlen = !docs.empty();
+    int64_t total_q = int64_t(c.batch) * c.seqlen_q, total_k = int64_t(c.batch) * c.seqlen;
+    std::vector<int32_t> cu(docs.size() + 1, 0);
+    if (varlen) {
+      for (size_t i = 0; i < docs.size(); ++i) cu[i + 1] = cu[i] + docs[i];
+      c.batch = int(docs.size());
+      c.seqlen = c.seqlen_q = *std::max_element(docs.begin(), docs.end());
+      total_q = total_k = cu.back();
+    }
+    const int64_t nq = total_q * c.heads * c.head_dim;
+    const int64_t nkv = total_k * c.heads_k * c.head_dim;
     // Enough K/V copies that one call's K/V is gone from L2 when its turn comes again.
     const int copies =
         rotate_kv && !backward ? int(std::min<int64_t>(64, std::max<int64_t>(1, (4 * l2_bytes + 4 * nkv - 1) / (4 * nkv)))) : 1;
     uint16_t *q, *o;
     std::vector<uint16_t*> k(copies), v(copies);
-    float* lse;
+    float *lse, *slopes = nullptr;
+    int32_t* cu_dev = nullptr;
     CHECK(cudaMalloc(&q, nq * 2));
     CHECK(cudaMalloc(&o, nq * 2));
-    CHECK(cudaMalloc(&lse, int64_t(c.batch) * c.heads * c.seqlen_q * 4));
+    CHECK(cudaMalloc(&lse, total_q * c.heads * 4));
+    if (varlen) {
+      CHECK(cudaMalloc(&cu_dev, cu.size() * 4));
+      CHECK(cudaMemcpy(cu_dev, cu.data(), cu.size() * 4, cudaMemcpyHostToDevice));
+    }
+    if (alibi) {
+      std::vector<float> host(c.heads);
+      for (int h = 0; h < c.heads; ++h) host[h] = std::exp2(-8.0f * float(h + 1) / float(c.heads));
+      CHECK(cudaMalloc(&slopes, c.heads * 4));
+      CHECK(cudaMemcpy(slopes, host.data(), c.heads * 4, cudaMemcpyHostToDevice));
+    }
     uint16_t *d_o = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr;
     if (backward) {
       CHECK(cudaMalloc(&d_o, nq * 2));
@@ -218,37 +272,57 @@ int main(int argc, char** argv) {
     CHECK(cudaGetLastError());
     const flashattn::Device dev = flashattn::Device::cuda(0);
     using flashattn::Tensor;
-    const Tensor tq = Tensor::contiguous(q, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
-    const Tensor to = Tensor::contiguous(o, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
-    const Tensor tl = Tensor::contiguous(lse, flashattn::DType::f32, {c.batch, c.heads, c.seqlen_q}, dev);
-    auto kv = [&](uint16_t* p) {
-      return Tensor::contiguous(p, dtype, {c.batch, c.seqlen, c.heads_k, c.head_dim}, dev);
+    // q-shaped (q, out, dout, dq) and k-shaped (k, v, dk, dv) tensors, fixed-length or packed.
+    auto qo = [&](uint16_t* p) {
+      return varlen ? Tensor::contiguous(p, dtype, {total_q, c.heads, c.head_dim}, dev)
+                    : Tensor::contiguous(p, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
     };
+    auto kv = [&](uint16_t* p) {
+      return varlen ? Tensor::contiguous(p, dtype, {total_k, c.heads_k, c.head_dim}, dev)
+                    : Tensor::contiguous(p, dtype, {c.batch, c.seqlen, c.heads_k, c.head_dim}, dev);
+    };
+    const Tensor tq = qo(q), to = qo(o);
+    const Tensor tl = varlen ? Tensor::contiguous(lse, flashattn::DType::f32, {c.heads, total_q}, dev)
+                             : Tensor::contiguous(lse, flashattn::DType::f32, {c.batch, c.heads, c.seqlen_q}, dev);
+    flashattn::VarlenLayout layout;
+    if (varlen) {
+      layout.cu_seqlens_q = layout.cu_seqlens_k =
+          Tensor::contiguous(cu_dev, flashattn::DType::i32, {int64_t(cu.size())}, dev);
+      layout.max_seqlen_q = layout.max_seqlen_k = c.seqlen;
+    }
+    const flashattn::VarlenLayout* lay = varlen ? &layout : nullptr;
     flashattn::Options opt;
     opt.causal = c.causal;
     opt.num_splits = c.num_splits;
     opt.deterministic = deterministic;
     opt.softcap = softcap;
+    if (window_left >= 0 || window_right >= 0) {
+      opt.window_left = window_left;
+      opt.window_right = window_right == -2 ? (c.causal ? 0 : -1) : window_right;
+    }
+    if (alibi) opt.alibi_slopes = Tensor::contiguous(slopes, flashattn::DType::f32, {c.heads}, dev);
     opt.stream = stream;
-    auto qo = [&](uint16_t* p) {
-      return Tensor::contiguous(p, dtype, {c.batch, c.seqlen_q, c.heads, c.head_dim}, dev);
-    };
     // One call on K/V copy j: the forward, or the backward of the forward run before timing.
+    auto forward = [&](int j) {
+      if (varlen) flashattn::forward_varlen(tq, kv(k[j]), kv(v[j]), to, tl, layout, opt);
+      else flashattn::forward(tq, kv(k[j]), kv(v[j]), to, tl, opt);
+    };
     auto run = [&](int j) {
-      if (backward)
-        flashattn::backward(qo(d_o), tq, kv(k[j]), kv(v[j]), to, tl, qo(dq), kv(dk), kv(dv), opt);
+      if (!backward) return forward(j);
+      if (varlen)
+        flashattn::backward_varlen(qo(d_o), tq, kv(k[j]), kv(v[j]), to, tl, qo(dq), kv(dk), kv(dv), layout, opt);
       else
-        flashattn::forward(tq, kv(k[j]), kv(v[j]), to, tl, opt);
+        flashattn::backward(qo(d_o), tq, kv(k[j]), kv(v[j]), to, tl, qo(dq), kv(dk), kv(dv), opt);
     };
     std::vector<cudaEvent_t> ev(2 * iters);
     for (auto& e : ev) CHECK(cudaEventCreate(&e));
     std::string kernel;
     try {
       kernel = backward ? flashattn::cuda::backward_kernel(flashattn::core::check_backward(
-                              qo(d_o), tq, kv(k[0]), kv(v[0]), to, tl, qo(dq), kv(dk), kv(dv), opt, nullptr))
+                              qo(d_o), tq, kv(k[0]), kv(v[0]), to, tl, qo(dq), kv(dk), kv(dv), opt, lay))
                         : flashattn::cuda::forward_kernel(
-                              flashattn::core::check_forward(tq, kv(k[0]), kv(v[0]), to, tl, opt, nullptr));
-      if (backward) flashattn::forward(tq, kv(k[0]), kv(v[0]), to, tl, opt);  // out and lse
+                              flashattn::core::check_forward(tq, kv(k[0]), kv(v[0]), to, tl, opt, lay));
+      if (backward) forward(0);  // out and lse
       for (int i = 0; i < warmup; ++i) run(i % copies);
       for (int i = 0; i < iters; ++i) {
         const int j = (warmup + i) % copies;
@@ -264,16 +338,29 @@ int main(int argc, char** argv) {
     std::vector<float> ms(iters);
     for (int i = 0; i < iters; ++i) CHECK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
     const double med = median_of(ms), fastest = *std::min_element(ms.begin(), ms.end());
-    const double flops = 4.0 * c.batch * c.heads * double(c.seqlen_q) * c.seqlen * c.head_dim /
-                         (c.causal ? 2 : 1) * (backward ? 2.5 : 1.0);
+    // (query, key) pairs: the papers' convention (half of them under causal) unless a window
+    // asks for the exact count; per document for varlen.
+    const bool windowed = window_left >= 0 || window_right >= 0;
+    auto pairs = [&](int64_t sq, int64_t sk) {
+      return windowed ? visible_pairs(sq, sk, opt.window_left, opt.window_right)
+                      : double(sq) * double(sk) / (c.causal ? 2 : 1);
+    };
+    double pair_count = 0;
+    if (varlen)
+      for (int d : docs) pair_count += pairs(d, d);
+    else
+      pair_count = c.batch * pairs(c.seqlen_q, c.seqlen);
+    const double flops = 4.0 * c.heads * pair_count * c.head_dim * (backward ? 2.5 : 1.0);
     const double bytes = 2.0 * (2 * nq + 2 * nkv);  // q, out, k, v: 2 bytes an element
     std::printf("{\"batch\":%d,\"seqlen\":%d,\"seqlen_q\":%d,\"heads\":%d,\"heads_k\":%d,\"head_dim\":%d,"
-                "\"causal\":%s,\"num_splits\":%d,\"dtype\":\"%s\",\"pass\":\"%s\",\"deterministic\":%s,\"kv_copies\":%d,\"ms\":%.5f,\"ms_min\":%.5f,"
+                "\"causal\":%s,\"num_splits\":%d,\"dtype\":\"%s\",\"pass\":\"%s\",\"deterministic\":%s,\"kv_copies\":%d,"
+                "\"docs\":%zu,\"total_q\":%lld,\"window\":[%d,%d],\"softcap\":%g,\"alibi\":%s,\"ms\":%.5f,\"ms_min\":%.5f,"
                 "\"tflops\":%.2f,\"bytes\":%.0f,\"tbps\":%.4f,\"kernel\":\"%s\"}\n",
                 c.batch, c.seqlen, c.seqlen_q, c.heads, c.heads_k, c.head_dim, c.causal ? "true" : "false",
                 c.num_splits, bf16 ? "bf16" : "fp16", backward ? "bwd" : "fwd",
-                backward && deterministic ? "true" : "false", copies, med, fastest, flops / (med * 1e-3) / 1e12, bytes,
-                bytes / (med * 1e-3) / 1e12, kernel.c_str());
+                backward && deterministic ? "true" : "false", copies, docs.size(), (long long)total_q,
+                opt.window_left, opt.window_right, softcap, alibi ? "true" : "false", med, fastest,
+                flops / (med * 1e-3) / 1e12, bytes, bytes / (med * 1e-3) / 1e12, kernel.c_str());
     std::fflush(stdout);
     for (auto& e : ev) CHECK(cudaEventDestroy(e));
     CHECK(cudaFree(q));
@@ -285,6 +372,8 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(lse));
     for (uint16_t* p : {d_o, dq, dk, dv})
       if (p) CHECK(cudaFree(p));
+    if (cu_dev) CHECK(cudaFree(cu_dev));
+    if (slopes) CHECK(cudaFree(slopes));
   }
   CHECK(cudaStreamDestroy(stream));
   return 0;
