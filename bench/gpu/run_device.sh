@@ -5,8 +5,9 @@
 #   bash bench/gpu/run_device.sh bench [DIR]    forward / backward / decode vs PyTorch SDPA (flash, cuDNN),
 #                                              interleaved per shape; a baseline commit beside ours
 #   bash bench/gpu/run_device.sh profile [DIR]  ncu of the forward and backward main kernels
-#   modes combine: tests,bench,overhead,context_parallel (GPU tests only; the Python call overhead;
-#   ring attention on one GPU against plain attention)
+#   modes combine: tests,bench,workloads,overhead,context_parallel (GPU tests only; packed documents,
+#   softcap + window and ALiBi against the sm80 kernels; the Python call overhead; ring attention on
+#   one GPU against plain attention)
 # DIR (default build-carry/) holds what bench/gpu/pack_carry.sh put there: flashattn_cuda_tests,
 # flashattn-gpu-bench, flashattn-bench, lib.tar.xz (the shared libraries they need: OpenBLAS for
 # the oracle) and COMMIT; optionally base-src.tar.gz (git archive of a baseline commit), which
@@ -151,6 +152,19 @@ bench() {
   timeout 150 python3 bench/gpu/bench_decode.py --ours "$GPU_BENCH" "${BASE_ARGS[@]}" --out "$OUT" 2>&1 | tail -20
 }
 
+# Packed documents, softcap + window, ALiBi: forward and backward, ours (sm90 where covered) beside
+# the sm80 kernels forced, and the baseline when one was built (bench_workloads.py).
+workloads() {
+  [[ ${#BASE_ARGS[@]} -gt 0 ]] || build_baseline
+  for pass in fwd bwd; do
+    echo "== workloads, $pass"
+    local flag=()
+    [[ $pass == bwd ]] && flag=(--bwd)
+    timeout 240 python3 bench/gpu/bench_workloads.py --ours "$GPU_BENCH" "${BASE_ARGS[@]}" "${flag[@]}" --out "$OUT" \
+      --name "workloads-$pass" 2>&1 | tail -14
+  done
+}
+
 profile() {
   echo "== ncu: one launch of each main kernel (16k tokens, seqlen 8192, non-causal)"
   for pass in forward backward; do
@@ -175,9 +189,10 @@ for mode in ${MODE//,/ }; do
     check) check ;;
     tests) tests ;;
     bench) bench ;;
+    workloads) workloads ;;
     profile) profile ;;
     overhead) python_package && overhead ;;
     context_parallel) context_parallel ;;
-    *) echo "usage: run_device.sh check|tests|bench|profile|overhead|context_parallel[,...] [DIR]"; exit 2 ;;
+    *) echo "usage: run_device.sh check|tests|bench|workloads|profile|overhead|context_parallel[,...] [DIR]"; exit 2 ;;
   esac
 done

@@ -143,6 +143,10 @@ struct ScoreMod {
   FA_HOST_DEVICE static ScoreMod make(float softcap, float alibi_slope) {
     return ScoreMod{softcap, softcap > 0 ? 1.0f / softcap : 0.0f, alibi_slope};
   }
+  // Head h of sequence b: ALiBi slopes are [b * batch_stride + h] (batch_stride 0: per head only).
+  FA_HOST_DEVICE static ScoreMod of(float softcap, const float* alibi_slopes, int64_t batch_stride, int b, int h) {
+    return make(softcap, alibi_slopes ? alibi_slopes[b * batch_stride + h] : 0.0f);
+  }
   FA_HOST_DEVICE bool active() const { return softcap > 0 || alibi_slope != 0; }
 
   // softcap * tanh(x / softcap), and with it d/dx = 1 - tanh^2.

@@ -97,7 +97,7 @@ struct AttnParams {
     return Mask::make(len_q(b), len_k(b), window_left, window_right);
   }
   FA_HOST_DEVICE ScoreMod score_mod(int b, int h) const {
-    return ScoreMod::make(softcap, alibi_slopes ? alibi_slopes[b * alibi_batch_stride + h] : 0.0f);
+    return ScoreMod::of(softcap, alibi_slopes, alibi_batch_stride, b, h);
   }
   // Element offset of (sequence b, row i of it, head h) in a tensor with strides s, where row
   // i is relative to the sequence start.

@@ -63,6 +63,22 @@ TEST(CudaDispatch, Sm90RunsEveryCoveredCaseOnHopper) {
   window.window_left = 16;
   window.window_right = 3;
   EXPECT_TRUE(starts_with(prob.kernel(window), "flash_fwd_sm90")) << prob.kernel(window);
+  // Softcap and ALiBi take the kScoreMod kernel, wide and narrow (d64 causal) tiles, every head dim.
+  DeviceBuffer slopes(4, 4);
+  for (int d : {64, 128, 256})
+    for (bool causal : {false, true}) {
+      DispatchProblem mod_prob(d, DType::bf16, 4, 4);
+      Options softcap, alibi;
+      softcap.softcap = 30.0f;
+      alibi.alibi_slopes = Tensor::contiguous(slopes.data(), DType::f32, {4}, Device::cuda(0));
+      softcap.causal = alibi.causal = causal;
+      for (const Options& o : {softcap, alibi}) {
+        const std::string k = mod_prob.kernel(o);
+        EXPECT_TRUE(starts_with(k, "flash_fwd_sm90") && k.find("softcap/alibi") != std::string::npos)
+            << "d " << d << (causal ? " causal" : "") << ": " << k;
+      }
+      EXPECT_EQ(mod_prob.kernel(Options{}).find("softcap/alibi"), std::string::npos) << mod_prob.kernel(Options{});
+    }
 }
 
 // d64 under a causal mask with a short query sequence takes the narrow 128-row tile, unmasked calls
@@ -101,9 +117,6 @@ TEST(CudaDispatch, DecodeShapesTakeTheDecodeKernel) {
 TEST(CudaDispatch, UncoveredCallsFallBackToSm80) {
   SKIP_WITHOUT_GPU();
   DispatchProblem prob(64, DType::bf16, 4, 4);
-  Options softcap;
-  softcap.softcap = 10.0f;
-  EXPECT_TRUE(starts_with(prob.kernel(softcap), "flash_fwd_sm80")) << prob.kernel(softcap);
   Options negative;
   negative.softmax_scale = -0.1f;
   EXPECT_TRUE(starts_with(prob.kernel(negative), "flash_fwd_sm80")) << prob.kernel(negative);
@@ -113,14 +126,14 @@ TEST(CudaDispatch, ForcedSm90SaysWhyItCannotRun) {
   SKIP_WITHOUT_GPU();
   if (!expect_sm90()) GTEST_SKIP() << "not an sm_90 GPU, or a build without the 90a arch";
   DispatchProblem prob(64, DType::bf16, 4, 4);
-  Options softcap;
-  softcap.softcap = 10.0f;
+  Options negative;
+  negative.softmax_scale = -0.1f;
   ScopedKnobs force([](Knobs& k) { k.cuda_forward = KernelChoice::kSm90; });
   try {
-    prob.kernel(softcap);
+    prob.kernel(negative);
     FAIL() << "expected flashattn::Unsupported";
   } catch (const flashattn::Unsupported& e) {
-    EXPECT_NE(std::string(e.what()).find("softcap"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("softmax scale"), std::string::npos) << e.what();
   }
 }
 

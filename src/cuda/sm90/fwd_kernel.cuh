@@ -17,6 +17,9 @@
 // turns between the two consumer warpgroups: each issues its GEMMs only after the other did, so
 // the tensor cores alternate between them and each softmax hides under the other's GEMMs.
 //
+// kScoreMod (softcap and/or ALiBi present): each score becomes ScoreMod::apply(scale * S) before
+// the mask, and the softmax scales by log2 e alone; the plain kernel carries none of that code.
+//
 // Semantics are core/mask.h's (bottom-right causal / window: Mask32 in FwdParams); an
 // empty row gives O = 0 and LSE = -inf.
 #pragma once
@@ -35,7 +38,7 @@
 
 namespace flashattn::cuda::sm90 {
 
-template <typename Tr>
+template <typename Tr, bool kScoreMod>
 struct Consumer {
   static constexpr bool kPingPong = Tr::kSchedule == Schedule::kPingPong;
 
@@ -51,6 +54,7 @@ struct Consumer {
   float s[Tr::kBlockN / 2];
   PFragment<Tr> pfrag;
   OnlineSoftmax<Tr::kBlockN, Tr::kLazyRescale> softmax;
+  ScoreMod mod;  // the current tile's (kScoreMod)
 
   __device__ uint32_t smem_q_wg() const { return ptx::smem_addr(smem.q() + wg * 64 * Tr::kRowBytes); }
 
@@ -70,9 +74,10 @@ struct Consumer {
   // Softmax of the scores of key block n (already in s), leaving P in s.
   __device__ __forceinline__ void scores_to_probs(int n, float (&alpha)[2]) {
     const int key0 = n * Tr::kBlockN;
+    if constexpr (kScoreMod) modify_scores<Tr::kBlockN>(s, p, mod, row0, key0, thread_in_wg % 4);
     if (!p.mask.block_fully_visible(c.m0, c.m0 + c.rows, key0, key0 + Tr::kBlockN))
       mask_scores<Tr::kBlockN>(s, p, row0, key0, thread_in_wg % 4);
-    softmax.step(s, p.scale_log2, alpha);
+    softmax.step(s, kScoreMod ? kLog2e : p.scale_log2, alpha);
   }
 
   // Ring block `ring` (a value of `it`): wait until its K (V) landed; issue the GEMM that reads it.
@@ -100,6 +105,7 @@ struct Consumer {
     for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x, q_phase ^= 1) {
       c = tile_coord<Tr>(p, tile);
       row0 = c.m0 + wg * 64 + (thread_in_wg / 32) * 16 + (thread_in_wg % 32) / 4;
+      if constexpr (kScoreMod) mod = p.score_mod(c.b, c.h);
 #pragma unroll
       for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] = 0.0f;
       softmax.init();
@@ -180,7 +186,7 @@ struct Consumer {
   }
 };
 
-template <typename Tr>
+template <typename Tr, bool kScoreMod>
 __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
@@ -195,7 +201,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const _
     if (threadIdx.x == 0) produce<Tr>(p, smem);
   } else {
     ptx::setmaxnreg_inc<Tr::kConsumerRegs>();
-    Consumer<Tr> consumer{p, smem, wg - 1, int(threadIdx.x) % 128};
+    Consumer<Tr, kScoreMod> consumer{p, smem, wg - 1, int(threadIdx.x) % 128};
     consumer.run();
   }
 #endif

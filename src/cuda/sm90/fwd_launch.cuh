@@ -17,19 +17,20 @@
 
 namespace flashattn::cuda::sm90 {
 
-template <typename Tr>
+template <typename Tr, bool kScoreMod>
 std::string traits_name(bool persistent) {
-  char buf[208];
-  std::snprintf(buf, sizeof buf, "flash_fwd_sm90<hdim %d, %s, %dx%d, %d+1 warpgroups, %d stages, %s, %s%s>",
+  char buf[224];
+  std::snprintf(buf, sizeof buf, "flash_fwd_sm90<hdim %d, %s, %dx%d, %d+1 warpgroups, %d stages, %s, %s%s%s>",
                 Tr::kHeadDim, std::is_same_v<typename Tr::Element, __half> ? "fp16" : "bf16", Tr::kBlockM,
                 Tr::kBlockN, Tr::kConsumerWGs, Tr::kStages, schedule_name(Tr::kSchedule),
-                persistent ? "persistent" : "one CTA per tile", Tr::kSeparateO ? "" : ", O in Q's smem");
+                persistent ? "persistent" : "one CTA per tile", Tr::kSeparateO ? "" : ", O in Q's smem",
+                kScoreMod ? ", softcap/alibi" : "");
   return buf;
 }
 
-template <typename Tr>
+template <typename Tr, bool kScoreMod>
 void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cudaStream_t stream) {
-  static const std::string names[2] = {traits_name<Tr>(false), traits_name<Tr>(true)};
+  static const std::string names[2] = {traits_name<Tr, kScoreMod>(false), traits_name<Tr, kScoreMod>(true)};
   const std::string& name = names[persistent];
   const int64_t m_blocks = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
   const int64_t blocks = m_blocks * p.heads * p.batch;
@@ -59,8 +60,12 @@ void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cuda
   fp.m_blocks = int(m_blocks);
   fp.tiles = int(blocks);
   fp.scale_log2 = p.scale * kLog2e;
+  fp.scale = p.scale;
+  fp.softcap = p.softcap;
+  fp.alibi_slopes = p.alibi_slopes;
+  fp.alibi_batch_stride = p.alibi_batch_stride;
 
-  auto kernel = flash_fwd_sm90_kernel<Tr>;
+  auto kernel = flash_fwd_sm90_kernel<Tr, kScoreMod>;
   // Opting in to more than 48 KB of dynamic smem is per device; do it once for each.
   static std::atomic<uint64_t> smem_ready{0};
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
@@ -81,28 +86,39 @@ void launch(const AttnParams& p, bool persistent, int max_ctas, int device, cuda
 // causal mask (bench/gpu/HOPPER_NOTES.md, v0); with the persistent grid it measured +0-11% at d128
 // non-causal (v4), so two-warpgroup tiles carry it, selectable (FLASHATTN_SM90_SCHEDULE) until the
 // GPU tests have run on it. The narrow tile (tile_size.h) exists only where it differs from the
-// default one.
+// default one. Softcap / ALiBi (plan.score_mod) run the kScoreMod kernel of the overlap schedule,
+// wide or narrow: fn(traits, std::bool_constant<kScoreMod>).
 template <int kHeadDim, typename T, typename Fn>
-void with_schedule(const FwdPlan& plan, Fn&& fn) {
-  const Schedule s = plan.schedule;
-  if constexpr (fwd_tile(kHeadDim, true) != fwd_tile(kHeadDim))
-    if (plan.narrow) return fn(FwdTraits<kHeadDim, T, Schedule::kOverlap, true>{});
+void with_kernel(const FwdPlan& plan, Fn&& fn) {
+  using Wide = FwdTraits<kHeadDim, T, Schedule::kOverlap>;
+  using Narrow = FwdTraits<kHeadDim, T, Schedule::kOverlap, true>;
+  constexpr bool kHasNarrow = fwd_tile(kHeadDim, true) != fwd_tile(kHeadDim);
+  if (plan.score_mod) {
+    if constexpr (kHasNarrow)
+      if (plan.narrow) return fn(Narrow{}, std::true_type{});
+    return fn(Wide{}, std::true_type{});
+  }
+  if constexpr (kHasNarrow)
+    if (plan.narrow) return fn(Narrow{}, std::false_type{});
   if constexpr (fwd_tile(kHeadDim).consumer_wgs == 2)
-    if (s == Schedule::kPingPong) return fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{});
-  (void)s;
-  fn(FwdTraits<kHeadDim, T, Schedule::kOverlap>{});
+    if (plan.schedule == Schedule::kPingPong)
+      return fn(FwdTraits<kHeadDim, T, Schedule::kPingPong>{}, std::false_type{});
+  fn(Wide{}, std::false_type{});
 }
 
 template <int kHeadDim, typename T>
 void run_fwd(const AttnParams& p, const FwdPlan& plan, int device, cudaStream_t stream) {
-  with_schedule<kHeadDim, T>(plan,
-                             [&](auto tr) { launch<decltype(tr)>(p, plan.persistent, plan.max_ctas, device, stream); });
+  with_kernel<kHeadDim, T>(plan, [&](auto tr, auto score_mod) {
+    launch<decltype(tr), decltype(score_mod)::value>(p, plan.persistent, plan.max_ctas, device, stream);
+  });
 }
 
 template <int kHeadDim, typename T>
 std::string kernel_name(const FwdPlan& plan) {
   std::string name;
-  with_schedule<kHeadDim, T>(plan, [&](auto tr) { name = traits_name<decltype(tr)>(plan.persistent); });
+  with_kernel<kHeadDim, T>(plan, [&](auto tr, auto score_mod) {
+    name = traits_name<decltype(tr), decltype(score_mod)::value>(plan.persistent);
+  });
   return name;
 }
 

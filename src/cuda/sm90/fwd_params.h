@@ -25,6 +25,17 @@ struct FwdParams {
   int m_blocks;            // query blocks per (sequence, head)
   int tiles;               // m_blocks * heads * batch: the work items of the persistent grid
   float scale_log2;  // softmax_scale * log2(e) > 0
+
+  // Softcap / ALiBi (the kScoreMod kernels only): the scores are scaled, modified and then taken
+  // to the log2 domain, as core/mask.h's ScoreMod defines.
+  float scale;
+  float softcap;
+  const float* alibi_slopes;
+  int64_t alibi_batch_stride;
+
+  __device__ ScoreMod score_mod(int b, int h) const {
+    return ScoreMod::of(softcap, alibi_slopes, alibi_batch_stride, b, h);
+  }
 };
 
 }  // namespace flashattn::cuda::sm90

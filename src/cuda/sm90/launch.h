@@ -18,6 +18,7 @@ struct FwdPlan {
   bool persistent = true;  // one CTA per SM walking the tiles; false: one CTA per tile
   int max_ctas = 0;        // > 0: at most this many persistent CTAs (tests: many tiles per CTA)
   bool narrow = false;     // fwd_tile(head_dim, true): the tile for masked calls with few query blocks
+  bool score_mod = false;  // softcap / ALiBi: the kScoreMod kernel (overlap schedule only)
 };
 
 // Runs the forward on `device` (already current, sm90) for head dims up to kHeadDim (columns

@@ -54,6 +54,22 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 2], const FwdPa
   }
 }
 
+// Softcap / ALiBi: S -> mod(scale * S) in the natural-log domain (the softmax then scales by log2 e).
+// Masked entries are overwritten by mask_scores afterwards.
+template <int kBlockN>
+__device__ __forceinline__ void modify_scores(float (&s)[kBlockN / 2], const FwdParams& p, const ScoreMod& mod,
+                                              int row0, int key0, int t) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int i = 0; i < kBlockN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[acc_at(i, hh, e)];
+        x = mod.apply(x * p.scale, row0 + 8 * hh, key0 + 8 * i + 2 * t + e, p.mask);
+      }
+}
+
 // Lazy rescaling (kLazy): how far (log2 units) a block's max may exceed the running max before O
 // and l are rescaled. Used where O is large (head dim >= 128: 64+ registers of O per thread to
 // rescale): +0-12% at d128 / d256 on the H100; at d64 it measured within noise and stays eager
